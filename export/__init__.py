@@ -1,0 +1,1 @@
+"""mjsd export stage: Hugging Face target + draft -> self-describing ONNX model bundle (needs the `export` extra)."""

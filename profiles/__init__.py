@@ -1,0 +1,1 @@
+"""Device profiles (TOML files shipped as package data)."""

@@ -1,0 +1,1 @@
+"""mjsd runtime: bundle loading, ONNX Runtime sessions, decoding algorithms. Needs no torch."""
