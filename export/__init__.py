@@ -1,1 +1,4 @@
-"""mjsd export stage: Hugging Face target + draft -> self-describing ONNX model bundle (needs the `export` extra)."""
+"""The export stage: Hugging Face checkpoints -> a validated mjsd bundle (needs the `export` extra: torch, optimum)."""
+from .pipeline import export_bundle
+
+__all__ = ["export_bundle"]

@@ -1,0 +1,227 @@
+"""`export_bundle`: two Hugging Face checkpoints -> one validated mjsd bundle (see mjsd.runtime.bundle for the layout).
+
+Steps: resolve and check both sources, prove the tokenizers identical, export each model's graph, quantize or convert
+it, validate it against PyTorch, hash every file, write bundle.json. Everything is built in a temp dir beside `out`
+and renamed into place at the end, so a failure at any step leaves nothing at `out`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from mjsd.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, ROLES, sha256_file, validate_manifest
+from mjsd.runtime.errors import ConfigError, ExportError
+
+QUANTIZATIONS = (None, "int8")
+_VERSIONED = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "tokenizers", "numpy")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def require_export_deps() -> None:
+    try:
+        import onnx  # noqa: F401
+        import optimum.exporters.onnx  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ExportError(f"the export stage needs torch, transformers, optimum-onnx and onnx ({e}); "
+                          "install them with: pip install 'mjsd[export]'") from None
+
+
+def per_model_quantization(quantize: str | dict[str, str | None] | None) -> dict[str, str | None]:
+    """`quantize` for both models ("int8"/None) or per role ({"target": "int8", "draft": None})."""
+    q = dict(quantize) if isinstance(quantize, dict) else {role: quantize for role in ROLES}
+    if unknown := set(q) - set(ROLES):
+        raise ConfigError(f"quantize: unknown model role(s) {sorted(unknown)}; use 'target' and/or 'draft'")
+    for role in ROLES:
+        q.setdefault(role, None)
+        if q[role] not in QUANTIZATIONS:
+            raise ConfigError(f"quantize for the {role}: {q[role]!r} is not supported; use 'int8' or none")
+    return q
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse to clobber anything but an existing bundle (and that only with force)."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        return
+    if out.is_dir() and (out / MANIFEST).is_file():
+        if not force:
+            raise ExportError(f"{out} already holds a bundle; pass --force (force=True) to replace it")
+        return
+    raise ExportError(f"{out} exists and is not an mjsd bundle; refusing to overwrite it (choose another --out)")
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the finished bundle into place; an old bundle is removed only after the new one is there."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "bundle")
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old is not None:
+            os.replace(old / "bundle", out)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _model_entry(role: str, rel_dir: str, io: dict[str, Any], dims: dict[str, Any], files: dict[str, str],
+                 config, params: int, max_context: int, quantization: str | None, fp16: bool, source: str,
+                 validation: dict[str, Any] | None) -> dict[str, Any]:
+    # The graph is the truth for the KV layout; a disagreeing config means the exporter read it differently.
+    for key in ("num_layers", "num_kv_heads", "head_dim"):
+        if io[key] != dims[key]:
+            raise ExportError(f"{role} graph has {key}={io[key]} but its config says {dims[key]}; "
+                              "the exporter does not support this architecture's attention layout")
+    return {"path": f"{rel_dir}/model.onnx", "files": files, "model_type": config.model_type,
+            "num_layers": io["num_layers"], "num_kv_heads": io["num_kv_heads"], "head_dim": io["head_dim"],
+            "num_attention_heads": dims["num_attention_heads"], "hidden_size": dims["hidden_size"],
+            "vocab_size": dims["vocab_size"], "max_context": max_context, "dtype": io["dtype"],
+            "inputs": io["inputs"], "outputs": io["outputs"], "num_parameters": params,
+            "quantization": quantization, "fp16": fp16, "source": source, "validation": validation}
+
+
+def export_bundle(target: str | Path, draft: str | Path, out: str | Path, *,
+                  quantize: str | dict[str, str | None] | None = None, fp16: bool = False,
+                  max_context: int | None = None, validate: bool = True, force: bool = False,
+                  progress: bool = True) -> dict[str, Any]:
+    """Export a target and a draft checkpoint (local folders or hub ids) into a bundle at `out`; return its manifest.
+
+    quantize: "int8" (both), or {"target": "int8", "draft": None} per model: dynamic int8 weights for CPU.
+    fp16: fp16 weights and KV cache, for GPU. max_context: cap on the context (default: the config's positions).
+    validate: compare every graph with PyTorch (prefill + multi-token decode) and refuse a mismatch.
+    force: replace an existing bundle at `out`.
+    """
+    from tqdm import tqdm
+
+    from . import graph, sources, tokenizer_check
+    from .validate import reference_logits, sample_ids, validate_graph
+
+    quant = per_model_quantization(quantize)
+    if fp16 and any(quant.values()):
+        raise ConfigError("--fp16 and --quantize int8 do not combine (int8 is for CPU, fp16 for GPU); pick one")
+    if max_context is not None and max_context < 1:
+        raise ConfigError(f"max_context must be a positive number of tokens, got {max_context}")
+    out = Path(out).expanduser().absolute()
+    _check_out(out, force)
+    if not out.parent.is_dir():
+        raise ExportError(f"cannot write the bundle: the folder {out.parent} does not exist")
+    require_export_deps()
+    given = {"target": str(target), "draft": str(draft)}
+
+    steps = tqdm(total=2 + 3 * len(ROLES), desc="export", unit="step", file=sys.stderr, disable=not progress,
+                 bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}] {postfix}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        steps.set_postfix_str("checking sources")
+        srcs = {r: sources.resolve_source(given[r], r) for r in ROLES}
+        configs = {r: sources.load_config(srcs[r], r) for r in ROLES}
+        for r in ROLES:
+            sources.check_causal_lm(configs[r], r)
+        toks = {r: tokenizer_check.load_tokenizer(srcs[r], r) for r in ROLES}
+        tokenizer_check.check_same_tokenizer(toks["target"], toks["draft"])
+        vocab = tokenizer_check.vocab_size(toks["target"])
+        dims = {r: sources.config_dims(configs[r]) for r in ROLES}
+        for r in ROLES:
+            if dims[r]["vocab_size"] < vocab:
+                raise ExportError(f"{r} model has {dims[r]['vocab_size']} logits but the tokenizer has {vocab} "
+                                  "ids; the checkpoint and its tokenizer do not belong together")
+        ctx = {}
+        for r in ROLES:
+            pos = sources.max_positions(configs[r])
+            if pos is None and max_context is None:
+                raise ExportError(f"{r} config declares no maximum position count; pass --max-context")
+            ctx[r] = min(x for x in (pos, max_context) if x is not None)
+        steps.update()
+
+        steps.set_postfix_str("saving tokenizer")
+        tok_dir = tmp / "tokenizer"
+        toks["target"].save_pretrained(tok_dir)
+        tok_files = {f"tokenizer/{p.name}": sha256_file(p) for p in sorted(tok_dir.iterdir())
+                     if p.name in _TOKENIZER_FILES}
+        steps.update()
+
+        ids = sample_ids(vocab)
+        models = {}
+        for r in ROLES:
+            steps.set_postfix_str(f"{r}: exporting graph")
+            work = Path(tempfile.mkdtemp(prefix=f"{r}-raw-", dir=tmp))
+            path = graph.build_decoder_graph(srcs[r], work)
+            steps.update()
+            model_dir = tmp / r
+            model_dir.mkdir()
+            final = model_dir / graph.GRAPH
+            precision = "fp16" if fp16 else (quant[r] or "fp32")
+            steps.set_postfix_str(f"{r}: {precision}")
+            if quant[r] == "int8":
+                graph.quantize_int8(path, final)
+            elif fp16:
+                graph.convert_fp16(path, final)
+            else:
+                for p in graph.graph_files(path):
+                    os.replace(p, model_dir / p.name)
+            shutil.rmtree(work)
+            (model_dir / "config.json").write_text(configs[r].to_json_string(), encoding="utf-8")
+            steps.update()
+            io = graph.read_io(final)
+            validation = None
+            if validate:
+                steps.set_postfix_str(f"{r}: validating against PyTorch")
+                validation = validate_graph(final, io, reference_logits(srcs[r], ids), ids, precision, r)
+            steps.update()
+            files = {f"{r}/{p.name}": sha256_file(p) for p in [*graph.graph_files(final), model_dir / "config.json"]}
+            entry = _model_entry(r, r, io, dims[r], files, configs[r], sources.count_parameters(configs[r]), ctx[r],
+                                 quant[r], fp16, given[r], validation)
+            entry["size_bytes"] = sum((tmp / f).stat().st_size for f in files)
+            models[r] = entry
+
+        tgt_tok = toks["target"]
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "vocab_size": vocab,
+            "vocab_padded": any(models[r]["vocab_size"] != vocab for r in ROLES),
+            "bos_token_id": tgt_tok.bos_token_id if tgt_tok.bos_token_id is not None
+            else getattr(configs["target"], "bos_token_id", None),
+            "eos_token_id": tgt_tok.eos_token_id if tgt_tok.eos_token_id is not None
+            else getattr(configs["target"], "eos_token_id", None),
+            "pad_token_id": tgt_tok.pad_token_id,
+            "tokenizer": {"path": "tokenizer/tokenizer.json", "files": tok_files},
+            "models": models,
+            "provenance": {
+                "sources": given, "resolved": {r: str(srcs[r]) for r in ROLES},
+                "mjsd_version": _version("mjsd"), "versions": {d: _version(d) for d in _VERSIONED},
+                "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "options": {"quantize": quant, "fp16": fp16, "max_context": max_context, "validate": validate,
+                            "opset": graph.OPSET, "task": sources.TASK},
+            },
+        }
+        validate_manifest(manifest)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        steps.set_postfix_str("done")
+        _check_out(out, force)  # someone may have created it meanwhile
+        _install(tmp, out)
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        steps.close()

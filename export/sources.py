@@ -1,0 +1,100 @@
+"""Resolve a checkpoint source (local folder or Hugging Face hub id) and read what the bundle needs from its config."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mjsd.runtime.errors import ExportError
+
+TASK = "text-generation-with-past"
+# Files a hub snapshot needs for config, weights and tokenizer; skips other frameworks' weights.
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.tiktoken"]
+
+
+def _looks_like_hub_id(src: str) -> bool:
+    parts = src.split("/")
+    return (not src.startswith((".", "/", "~")) and len(parts) <= 2 and all(parts)
+            and "\\" not in src)
+
+
+def resolve_source(src: str | Path, role: str) -> Path:
+    """Return a local folder holding the checkpoint: the path itself, or a hub snapshot (downloaded or cached)."""
+    p = Path(src).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ExportError(f"{role} checkpoint {src} is a file; pass the folder holding config.json")
+        if not (p / "config.json").is_file():
+            raise ExportError(f"{role} checkpoint {src} has no config.json; pass a Hugging Face checkpoint folder")
+        return p.resolve()
+    if not _looks_like_hub_id(str(src)):
+        raise ExportError(f"{role} checkpoint {src} does not exist; pass a local checkpoint folder or a hub id")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(src), allow_patterns=_HUB_PATTERNS))
+    except Exception as e:  # offline, unknown id, gated repo: all end here
+        raise ExportError(f"{role} checkpoint {src!r} is not a local folder and could not be fetched from the "
+                          f"Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          "check the path, or the hub id and network") from None
+
+
+def load_config(path: Path, role: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise ExportError(f"{role} checkpoint {path}: cannot read config.json ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); is it a Hugging Face checkpoint?") from None
+
+
+def check_causal_lm(config, role: str) -> None:
+    """Refuse what the optimum exporter cannot turn into a decoder graph with a KV cache (encoders, seq2seq, ...)."""
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs with TasksManager)
+    from optimum.exporters.tasks import TasksManager
+
+    mt = config.model_type
+    if getattr(config, "is_encoder_decoder", False):
+        raise ExportError(f"{role} checkpoint is an encoder-decoder model ({mt}); mjsd needs a decoder-only causal LM")
+    try:
+        tasks = TasksManager.get_supported_tasks_for_model_type(mt, "onnx", library_name="transformers")
+    except KeyError:
+        raise ExportError(f"{role} checkpoint: model type {mt!r} is not supported by the optimum ONNX exporter; "
+                          "mjsd needs a decoder-only causal LM such as llama, qwen2, mistral, phi3 or gpt2") from None
+    if TASK not in tasks:
+        archs = ", ".join(getattr(config, "architectures", None) or [mt])
+        raise ExportError(f"{role} checkpoint ({archs}) is not a causal language model: optimum can export "
+                          f"{mt} only as {sorted(tasks)}; mjsd needs a decoder-only causal LM")
+
+
+def config_dims(config) -> dict[str, Any]:
+    """Architecture numbers from the config (the exported graph's KV shape is checked against these later)."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = c.num_attention_heads
+    hidden = c.hidden_size
+    return {
+        "num_layers": c.num_hidden_layers,
+        "num_attention_heads": heads,
+        "num_kv_heads": getattr(c, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(c, "head_dim", None) or hidden // heads,
+        "hidden_size": hidden,
+        "vocab_size": c.vocab_size,
+    }
+
+
+def max_positions(config) -> int | None:
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(getattr(c, key, None), int):
+            return getattr(c, key)
+    return None
+
+
+def count_parameters(config) -> int:
+    """Parameter count without loading weights (the model is built on the meta device)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
