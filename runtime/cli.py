@@ -1,10 +1,128 @@
 """The `mjsd` command line. Each subcommand is a thin layer over the Python API."""
 from __future__ import annotations
 
+import functools
+import json
+import sys
+from pathlib import Path
+
 import click
+
+from .errors import MjsdError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mjsd")
 def main() -> None:
     """mjsd: energy-aware multi-token joint speculative decoding on ONNX Runtime."""
+
+
+def reports_errors(fn):
+    """Decorator for subcommands: an MjsdError becomes one line on stderr and exit code 1, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MjsdError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+# --- export / inspect: build and describe bundles -------------------------------------------------------------------
+
+def _bundle_summary(root, manifest: dict) -> dict:
+    """The one-object summary `export --json` prints: where the bundle is and what each model is."""
+    keys = ("model_type", "num_layers", "num_kv_heads", "head_dim", "vocab_size", "max_context", "dtype",
+            "quantization", "num_parameters", "size_bytes")
+    models = {}
+    for role, e in manifest["models"].items():
+        models[role] = {k: e.get(k) for k in keys}
+        if e.get("validation"):
+            models[role]["max_abs_diff"] = e["validation"]["max_abs_diff"]
+            models[role]["top1_agreement"] = e["validation"]["top1_agreement"]
+    return {"bundle": str(root), "vocab_size": manifest["vocab_size"], "models": models}
+
+
+def _describe_bundle(root, manifest: dict, verified: bool) -> str:
+    def mib(n):
+        return f"{n / 2**20:.1f} MiB" if n is not None else "?"
+
+    lines = [f"bundle      {root}  (format {manifest['format']} v{manifest['format_version']}, "
+             f"sha256 {'verified' if verified else 'not verified'})",
+             f"vocabulary  {manifest['vocab_size']} tokens, bos {manifest.get('bos_token_id')}, "
+             f"eos {manifest.get('eos_token_id')}, pad {manifest.get('pad_token_id')}  "
+             f"({manifest['tokenizer']['path']})"]
+    for role, e in manifest["models"].items():
+        params = e.get("num_parameters")
+        q = e.get("quantization") or "none"
+        lines.append(f"{role:<11} {e['model_type']}, {e['num_layers']} layers, {e.get('num_attention_heads', '?')} "
+                     f"heads / {e['num_kv_heads']} KV heads x head_dim {e['head_dim']}, hidden "
+                     f"{e.get('hidden_size', '?')}, logits {e['vocab_size']}, max context {e['max_context']}")
+        lines.append(f"{'':<11} {params / 1e6 if params else 0:.2f}M params, KV {e['dtype']}, quantization {q}, "
+                     f"{mib(e.get('size_bytes'))} ({e['path']}), source {e.get('source', '?')}")
+        if v := e.get("validation"):
+            lines.append(f"{'':<11} validated vs PyTorch ({v['precision']}): max |logit diff| "
+                         f"{v['max_abs_diff']:.2g}, top-1 agreement {v['top1_agreement']:.2f}")
+    prov = manifest["provenance"]
+    versions = ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items() if v)
+    lines.append(f"created     {prov.get('created_utc', '?')} by mjsd {prov.get('mjsd_version', '?')}; "
+                 f"options {json.dumps(prov.get('options', {}), sort_keys=True)}")
+    lines.append(f"versions    {versions}")
+    return "\n".join(lines)
+
+
+@main.command("export")
+@click.option("--target", required=True, help="Target checkpoint: a local Hugging Face folder or a hub id.")
+@click.option("--draft", required=True, help="Draft checkpoint (must share the target's tokenizer).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to create.")
+@click.option("--quantize", type=click.Choice(["int8"]), help="Dynamic int8 weights for both models (CPU).")
+@click.option("--quantize-target", type=click.Choice(["int8", "none"]), help="Override --quantize for the target.")
+@click.option("--quantize-draft", type=click.Choice(["int8", "none"]), help="Override --quantize for the draft.")
+@click.option("--fp16", is_flag=True, help="fp16 weights and KV cache (GPU).")
+@click.option("--max-context", type=click.IntRange(min=1), help="Cap the context length (default: the config's).")
+@click.option("--no-validate", is_flag=True, help="Skip the comparison of each graph with PyTorch.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
+@click.option("--json", "as_json", is_flag=True, help="Print a one-object JSON summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@reports_errors
+def export_cmd(target, draft, out, quantize, quantize_target, quantize_draft, fp16, max_context, no_validate, force,
+               as_json, quiet):
+    """Export a target and a draft checkpoint into a validated ONNX bundle."""
+    import time
+
+    try:
+        from mjsd.export import export_bundle
+    except ImportError as e:
+        raise MjsdError(f"the export stage is not installed ({e}); install it with: pip install 'mjsd[export]'")
+    per_model = {"target": quantize, "draft": quantize}
+    for role, choice in (("target", quantize_target), ("draft", quantize_draft)):
+        if choice is not None:
+            per_model[role] = None if choice == "none" else choice
+    t0 = time.perf_counter()
+    manifest = export_bundle(target, draft, out, quantize=per_model, fp16=fp16, max_context=max_context,
+                             validate=not no_validate, force=force, progress=not quiet)
+    summary = _bundle_summary(out, manifest)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(f"wrote {out} in {summary['seconds']} s", err=True)
+
+
+@main.command("inspect")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of every file.")
+@reports_errors
+def inspect_cmd(bundle, as_json, no_verify):
+    """Describe a bundle: models, layers, KV heads, head dim, vocabulary, context, dtype, sizes, provenance."""
+    from .bundle import load_bundle
+
+    b = load_bundle(bundle, verify=not no_verify)
+    if as_json:
+        click.echo(json.dumps({**b.manifest, "verified": not no_verify}, indent=2))
+    else:
+        click.echo(_describe_bundle(b.root, b.manifest, verified=not no_verify))
