@@ -1,0 +1,91 @@
+"""Generation parameters and their validation.
+
+Defaults: greedy (temperature 0, reproducible), 128 new tokens; gamma 4 draft tokens (llama.cpp/vLLM-style
+speculation depth); beam_width 4 and tau 0.5 as in the MTAD paper's reference runs; k_config (2, 2, 1) a small
+MCSD tree (4 leaves); MCSD sampling without replacement (higher acceptance in the MCSD paper) in batch mode.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .errors import ConfigError
+
+MCSD_STRATEGIES = ("batch", "tree")
+
+
+def _check(ok: bool, name: str, value, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is invalid: {name} must be {valid}")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    algo: str = "ar"  # a key of mjsd.runtime.decoding.ALGORITHMS
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy / deterministic mode
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None  # None = fresh entropy; an int makes sampling reproducible
+    gamma: int = 4  # draft tokens per round (sps, mjsd, mtad)
+    beam_width: int = 4  # draft beams (mjsd, mtad, mmtad)
+    tau: float = 0.5  # joint-likelihood acceptance threshold (mjsd, mtad)
+    k_config: tuple[int, ...] = (2, 2, 1)  # MCSD children per depth
+    stop: tuple[str, ...] = ()  # stop strings (need a tokenizer to decode)
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks, like llama.cpp --ignore-eos)
+    mcsd_replacement: bool = False  # MCSD: sample children with (True) or without (False) replacement
+    mcsd_strategy: str = "batch"  # MCSD verification: "batch" rows or one "tree" attention call
+
+    def __post_init__(self) -> None:
+        # normalise list inputs (CLI, JSON) to tuples so the config stays hashable and immutable
+        object.__setattr__(self, "k_config", tuple(self.k_config))
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        self.validate()
+
+    def validate(self) -> None:
+        from .decoding import ALGORITHMS  # lazy: decoding imports this module
+
+        _check(self.algo in ALGORITHMS, "algo", self.algo, f"one of {sorted(ALGORITHMS)}")
+        _check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens,
+               "an integer >= 1")
+        _check(_is_num(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
+               "a number >= 0 (0 = greedy)")
+        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
+        _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1] (1 = off)")
+        _check(self.seed is None or (_is_int(self.seed) and self.seed >= 0), "seed", self.seed,
+               "None or an integer >= 0")
+        _check(_is_int(self.gamma) and self.gamma >= 1, "gamma", self.gamma, "an integer >= 1")
+        _check(_is_int(self.beam_width) and self.beam_width >= 1, "beam_width", self.beam_width, "an integer >= 1")
+        _check(_is_num(self.tau) and 0 < self.tau <= 1, "tau", self.tau, "in (0, 1]")
+        _check(len(self.k_config) >= 1 and all(_is_int(k) and k >= 1 for k in self.k_config), "k_config",
+               self.k_config, "a non-empty sequence of integers >= 1, e.g. (2, 2, 1)")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "a list of non-empty strings")
+        _check(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "true or false")
+        _check(isinstance(self.mcsd_replacement, bool), "mcsd_replacement", self.mcsd_replacement, "true or false")
+        _check(self.mcsd_strategy in MCSD_STRATEGIES, "mcsd_strategy", self.mcsd_strategy,
+               f"one of {list(MCSD_STRATEGIES)}")
+
+    @property
+    def lookahead(self) -> int:
+        """Cache positions a round may fill beyond the accepted text (reserved up front in the context check)."""
+        if self.algo == "ar":
+            return 0
+        if self.algo == "mcsd":
+            if self.mcsd_strategy == "tree":  # every node of the tree is one position
+                total, width = 0, 1
+                for k in self.k_config:
+                    width *= k
+                    total += width
+                return total
+            return len(self.k_config)
+        return self.gamma
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # x == x refuses NaN

@@ -1,0 +1,15 @@
+"""Decoding algorithms, one module each; every one is a generator `algo(ctx) -> Iterator[list[int]]` (common.py).
+
+Register a new algorithm in ALGORITHMS; the driver (`generate_ids`, `stream_ids`) does the rest.
+"""
+from .ar import ar
+from .common import DecodeContext
+from .driver import check_context, generate_ids, stream_ids
+from .sps import sps, sps_verify
+
+ALGORITHMS = {
+    "ar": ar,
+    "sps": sps,
+}
+
+__all__ = ["ALGORITHMS", "DecodeContext", "ar", "check_context", "generate_ids", "sps", "sps_verify", "stream_ids"]

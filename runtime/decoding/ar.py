@@ -1,0 +1,15 @@
+"""AR: plain autoregressive decoding with the target alone (greedy or sampled); the baseline."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from .common import DecodeContext
+
+
+def ar(ctx: DecodeContext) -> Iterator[list[int]]:
+    while True:
+        logits = ctx.target.forward(ctx.unfed(ctx.target_cache), ctx.target_cache)
+        token = ctx.pick(logits[0, -1])
+        ctx.stats.record_round(0, 0)
+        ctx.ids.append(token)
+        yield [token]

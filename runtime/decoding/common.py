@@ -1,0 +1,48 @@
+"""What every decoding algorithm shares: the DecodeContext and its small helpers.
+
+An algorithm is a generator `algo(ctx) -> Iterator[list[int]]`: each round it appends its new tokens to `ctx.ids`
+and yields them. The driver (driver.py) owns prefill, EOS, max_new_tokens, stop strings and timing, and closes the
+generator when done, so algorithms loop forever.
+
+Pending-token convention (algorithms.md): `ctx.ids` is prompt + generated; its last token is pending, in neither
+cache. A cache holds `ids[:cache.length]`; `ctx.unfed(cache)` is what a model must be fed next (usually the pending
+token, sometimes one more draft token the draft never saw).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import GenerationConfig
+from ..kvcache import KVCache
+from ..sampling import greedy, probs, sample, shared_vocab
+from ..session import ModelSession
+from ..stats import GenerationStats
+
+
+@dataclass
+class DecodeContext:
+    target: ModelSession
+    target_cache: KVCache
+    cfg: GenerationConfig
+    stats: GenerationStats
+    rng: np.random.Generator
+    vocab_size: int  # the shared vocabulary: logits are sliced to it before any use
+    ids: list[int]  # prompt + generated tokens; the last one is pending
+    draft: ModelSession | None = None
+    draft_cache: KVCache | None = None
+
+    def unfed(self, cache: KVCache) -> list[int]:
+        return self.ids[cache.length:]
+
+    def dist(self, logits: np.ndarray) -> np.ndarray:
+        """The filtered distribution of algorithms.md over the shared vocabulary."""
+        c = self.cfg
+        return probs(shared_vocab(logits, self.vocab_size), c.temperature, c.top_k, c.top_p)
+
+    def pick(self, logits: np.ndarray) -> int:
+        """One next token from [V] logits: argmax at T = 0, else a sample of the filtered distribution."""
+        if self.cfg.temperature == 0:
+            return greedy(shared_vocab(logits, self.vocab_size))
+        return sample(self.dist(logits), self.rng)
