@@ -1,0 +1,107 @@
+"""Multi-token joint decoding math (MJGD, MJSD/MTAD): pure NumPy, no ONNX Runtime.
+
+A draft y_1..y_gamma is scored by joint log-likelihoods logP(y_1..s) = sum_{j<=s} log p~_j(y_j) (and logQ alike);
+the draft side picks it by beam search (deterministic) or beam sampling (MTAD) over cumulative logQ.
+Beam steps work on a flattened (beam, token) table: index i stands for beam i // V extended by token i % V.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import ConfigError
+
+# The draft scores its beam one token at a time in a W-row batch, the target in one call: float32 noise (~1e-6)
+# between the two must not reject a draft that equals the target at tau = 1.
+LOG_TOL = 1e-4
+# MJGD scores every sequence of V^k; beyond this it is no longer a test oracle but a hang.
+MAX_JOINT_SEQUENCES = 1 << 16
+
+
+def token_logprobs(logprobs: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """log p(token) at each position: logprobs [..., S, V], tokens [..., S] -> [..., S]."""
+    return np.take_along_axis(logprobs, np.asarray(tokens)[..., None], axis=-1)[..., 0]
+
+
+def accept_length(logp: np.ndarray, logq: np.ndarray, tau: float) -> int:
+    """The longest s with logP(y_1..s) - logQ(y_1..s) > log(tau), 0 if none; a shorter failing prefix does not stop
+    the search. logp, logq: per-position log-likelihoods [gamma] of the draft tokens."""
+    margin = np.cumsum(logp, dtype=np.float64) - np.cumsum(logq, dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # -inf - -inf is NaN, which fails like -inf
+        passing = np.flatnonzero(margin > np.log(tau) - LOG_TOL)
+    return int(passing[-1]) + 1 if passing.size else 0
+
+
+def _keep_greedy(picked: np.ndarray, greedy_pair: int) -> tuple[np.ndarray, int]:
+    """Make sure the greedy chain's extension is among the picked pairs (replacing the last, least likely one);
+    returns the pairs and the greedy chain's new beam index."""
+    hit = np.flatnonzero(picked == greedy_pair)
+    if hit.size:
+        return picked, int(hit[0])
+    picked = picked.copy()
+    picked[-1] = greedy_pair
+    return picked, len(picked) - 1
+
+
+def _split(picked: np.ndarray, scores: np.ndarray, greedy: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    vocab = scores.shape[1]
+    return picked // vocab, picked % vocab, scores.ravel()[picked], greedy
+
+
+def beam_search_step(cum_logq: np.ndarray, logq: np.ndarray, width: int, greedy_beam: int):
+    """One deterministic beam-search step on cumulative logQ.
+
+    cum_logq [B]: the beams' joint log-likelihoods; logq [B, V]: each beam's next-token log-likelihoods;
+    greedy_beam: the beam that is the greedy chain, kept among the results.
+    Returns (parents [W'], tokens [W'], new cum_logq [W'], new greedy beam), best first, W' = min(width, finite pairs).
+    """
+    scores = cum_logq[:, None] + logq
+    flat = scores.ravel()
+    n = min(width, int(np.isfinite(flat).sum()))
+    picked = np.argsort(-flat, kind="stable")[:n]
+    greedy_pair = greedy_beam * logq.shape[1] + int(np.argmax(logq[greedy_beam]))
+    picked, greedy = _keep_greedy(picked, greedy_pair)
+    return _split(picked, scores, greedy)
+
+
+def sample_distinct(rng: np.random.Generator, p: np.ndarray, n: int) -> np.ndarray:
+    """n distinct indices drawn one after another from p [N] without replacement (each draw renormalised over the
+    rest): Gumbel-top-n, the same distribution in one vectorised step. Zero-probability indices are never drawn,
+    so n must not exceed the number of nonzero entries."""
+    with np.errstate(divide="ignore"):
+        keys = np.log(p) + rng.gumbel(size=p.shape)
+    return np.argsort(-keys, kind="stable")[:n]
+
+
+def beam_sample_step(rng: np.random.Generator, cum_logq: np.ndarray, q: np.ndarray, width: int, greedy_beam: int):
+    """One MTAD beam-sampling step: draw `width` distinct (beam, token) pairs from w(b, v) = pi_b * q(v | b), with
+    pi = the beams' normalised joint Q (normalising Q, not log Q). The next step renormalises pi over the kept
+    pairs, since it recomputes pi from their joint Q. Same arguments and results as `beam_search_step`, with
+    q [B, V] the filtered draft probabilities; results come in sampled order."""
+    pi = np.exp(cum_logq - cum_logq.max())
+    w = (pi / pi.sum())[:, None] * q
+    picked = sample_distinct(rng, w.ravel(), min(width, int(np.count_nonzero(w))))
+    greedy_pair = greedy_beam * q.shape[1] + int(np.argmax(q[greedy_beam]))
+    picked, greedy = _keep_greedy(picked, greedy_pair)
+    with np.errstate(divide="ignore"):
+        return _split(picked, cum_logq[:, None] + np.log(q), greedy)
+
+
+def joint_prefixes(vocab: int, k: int) -> np.ndarray:
+    """Every sequence of k - 1 tokens, [V^(k-1), k-1]: with the last position's full distribution they cover V^k.
+    Refuses (ConfigError) when V^k exceeds MAX_JOINT_SEQUENCES."""
+    if vocab ** k > MAX_JOINT_SEQUENCES:
+        raise ConfigError(f"mjgd would score {vocab}^{k} = {vocab ** k} sequences (vocabulary {vocab}, gamma {k}); "
+                          f"it is an oracle for tiny vocabularies: keep vocab^gamma <= {MAX_JOINT_SEQUENCES} "
+                          "(lower gamma, or use mjsd)")
+    grid = np.indices((vocab,) * (k - 1)).reshape(k - 1, -1).T
+    return grid.astype(np.int64)
+
+
+def best_joint(logprobs: np.ndarray, prefixes: np.ndarray) -> tuple[int, np.ndarray, float]:
+    """argmax over y of sum_j log p(y_j | x, y_<j), given logprobs [N, k, V] of the N prefix rows [N, k-1].
+
+    Returns (row, tokens [k], joint log-likelihood)."""
+    head = token_logprobs(logprobs[:, :-1], prefixes).sum(axis=-1)  # [N]
+    total = head[:, None] + logprobs[:, -1]  # [N, V]: prefix row r extended by token v
+    row, last = np.unravel_index(int(np.argmax(total)), total.shape)
+    return int(row), np.append(prefixes[row], last).astype(np.int64), float(total[row, last])
