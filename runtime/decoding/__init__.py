@@ -4,7 +4,7 @@ Register a new algorithm in ALGORITHMS; the driver (`generate_ids`, `stream_ids`
 """
 from .ar import ar
 from .common import DecodeContext
-from .driver import check_context, generate_ids, stream_ids
+from .driver import check_context, generate_ids, prefill, stream_ids
 from .sps import sps, sps_verify
 
 ALGORITHMS = {
@@ -12,4 +12,4 @@ ALGORITHMS = {
     "sps": sps,
 }
 
-__all__ = ["ALGORITHMS", "DecodeContext", "ar", "check_context", "generate_ids", "sps", "sps_verify", "stream_ids"]
+__all__ = ["ALGORITHMS", "DecodeContext", "ar", "check_context", "generate_ids", "prefill", "sps", "sps_verify", "stream_ids"]

@@ -52,24 +52,17 @@ def stream_ids(target: ModelSession, prompt_ids: Sequence[int], cfg: GenerationC
         raise ConfigError(f"algo={cfg.algo!r} needs a draft model; use algo='ar' for the target alone")
     if cfg.stop and decode is None:
         raise ConfigError("stop strings need a decode function (a tokenizer) to find them in the output")
-    models = [target] + ([draft] if draft is not None and cfg.algo not in TARGET_ONLY else [])
+    models = _models(cfg, target, draft)
     check_context(len(prompt), cfg, min(m.spec.max_context for m in models))
 
     stats.algo, stats.prompt_tokens = cfg.algo, len(prompt)
     clock0 = {id(m): (m.time_s, m.calls) for m in models}
     t_start = time.perf_counter()
-    ctx = DecodeContext(target=target, target_cache=target.new_cache(), cfg=cfg, stats=stats,
-                        rng=np.random.default_rng(cfg.seed), vocab_size=vocab_size, ids=list(prompt))
-    if len(models) == 2:
-        ctx.draft, ctx.draft_cache = draft, draft.new_cache()
-    caches = [ctx.target_cache] + ([ctx.draft_cache] if ctx.draft_cache is not None else [])
+    ctx = prefill(target, prompt, cfg, stats, draft=draft, vocab_size=vocab_size)
+    stats.prefill_time_s = time.perf_counter() - t_start
     rounds = ALGORITHMS[cfg.algo](ctx)
     out: list[int] = []
     try:
-        if len(prompt) > 1:  # prefill all but the last prompt token, which is the first round's pending token
-            for m, c in zip(models, caches):
-                m.forward(prompt[:-1], c)
-        stats.prefill_time_s = time.perf_counter() - t_start
         while not stats.finish_reason:
             new = next(rounds)
             new, stats.finish_reason = _cut(new, out, cfg, None if cfg.ignore_eos else eos_id, decode)
@@ -87,6 +80,24 @@ def stream_ids(target: ModelSession, prompt_ids: Sequence[int], cfg: GenerationC
         if len(models) == 2 and draft is not target:
             d_time, d_calls = clock0[id(draft)]
             stats.draft_time_s, stats.draft_calls = draft.time_s - d_time, draft.calls - d_calls
+
+
+def _models(cfg: GenerationConfig, target: ModelSession, draft: ModelSession | None) -> list[ModelSession]:
+    return [target] + ([draft] if draft is not None and cfg.algo not in TARGET_ONLY else [])
+
+
+def prefill(target: ModelSession, prompt: list[int], cfg: GenerationConfig, stats: GenerationStats, *,
+            draft: ModelSession | None = None, vocab_size: int | None = None) -> DecodeContext:
+    """New caches holding all prompt tokens but the last, which is the first round's pending token."""
+    ctx = DecodeContext(target=target, target_cache=target.new_cache(), cfg=cfg, stats=stats,
+                        rng=np.random.default_rng(cfg.seed), vocab_size=vocab_size or target.spec.vocab_size,
+                        ids=list(prompt))
+    if len(_models(cfg, target, draft)) == 2:
+        ctx.draft, ctx.draft_cache = draft, draft.new_cache()
+    for m, c in ((ctx.target, ctx.target_cache), (ctx.draft, ctx.draft_cache)):
+        if m is not None and len(prompt) > 1:
+            m.forward(prompt[:-1], c)
+    return ctx
 
 
 def _cut(new: list[int], out: list[int], cfg: GenerationConfig, eos_id: int | None,

@@ -1,0 +1,149 @@
+"""KVCache operations (pure and against real exported graphs) and ModelSession loading/forward."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from mjsd.runtime.bundle import load_bundle
+from mjsd.runtime.errors import BundleError, ContextLengthError
+from mjsd.runtime.kvcache import KVCache
+from mjsd.runtime.session import ModelSession
+
+
+def filled(batch=1, length=5, layers=2, max_context=16):
+    c = KVCache(layers, 2, 3, max_context, batch)
+    rng = np.random.default_rng(0)
+    c.update([rng.normal(size=(batch, 2, length, 3)).astype(np.float32) for _ in range(2 * layers)])
+    return c
+
+
+def test_empty_cache_shape():
+    c = KVCache(3, 2, 4, 32, batch=2, dtype=np.float16)
+    assert c.length == 0 and c.batch == 2 and c.num_layers == 3
+    assert all(t.shape == (2, 2, 0, 4) and t.dtype == np.float16 for t in c.arrays())
+
+
+def test_crop_keeps_prefix():
+    c = filled()
+    before = c.arrays()
+    c.crop(3)
+    assert c.length == 3 and all((a == b[:, :, :3]).all() for a, b in zip(c.arrays(), before))
+    c.crop(3)
+    assert c.length == 3
+    with pytest.raises(ValueError):
+        c.crop(4)
+
+
+def test_repeat_and_gather():
+    c = filled()
+    row = c.arrays()
+    c.repeat(3)
+    assert c.batch == 3 and all((a == np.repeat(r, 3, axis=0)).all() for a, r in zip(c.arrays(), row))
+    with pytest.raises(ValueError, match="batch-1"):
+        c.repeat(2)
+    d = filled(batch=4)
+    rows = d.arrays()
+    d.gather([2, 2, 0])
+    assert d.batch == 3 and all((a == r[[2, 2, 0]]).all() for a, r in zip(d.arrays(), rows))
+    with pytest.raises(ValueError, match="within 0..2"):
+        d.gather([3])
+
+
+def test_copy_is_independent():
+    c = filled()
+    d = c.copy()
+    d.crop(1)
+    assert c.length == 5 and c.arrays()[0].shape[2] == 5
+
+
+def test_overflow_refused_up_front():
+    c = filled(length=10, max_context=16)
+    c.check_fits(6)
+    with pytest.raises(ContextLengthError, match="10 cached \\+ 7 new tokens exceed the model's context of 16; "
+                                                 "only 6 more fit"):
+        c.check_fits(7)
+
+
+# ---- real graphs -------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama(llama_bundle):
+    return ModelSession(load_bundle(llama_bundle).target, threads=1)
+
+
+def test_session_forward_grows_cache_and_matches_full_forward(llama):
+    ids = np.array([[1, 17, 42, 99, 7, 250, 3]])
+    full = llama.forward(ids, llama.new_cache())
+    c = llama.new_cache()
+    a = llama.forward(ids[:, :4], c)
+    b = llama.forward(ids[:, 4:], c)
+    assert c.length == 7 and a.shape == (1, 4, llama.spec.vocab_size) and a.dtype == np.float32
+    assert np.allclose(np.concatenate([a, b], axis=1), full, atol=1e-4)
+    assert llama.calls >= 3 and llama.time_s > 0
+
+
+def test_crop_then_forward_equals_fresh_prefix(llama):
+    ids = [1, 17, 42, 99, 7, 250, 3, 8]
+    c = llama.new_cache()
+    llama.forward(ids, c)
+    c.crop(5)  # roll back 3 tokens, then feed different ones
+    out = llama.forward([11, 12], c)
+    fresh = llama.new_cache()
+    ref = llama.forward(ids[:5] + [11, 12], fresh)
+    assert np.allclose(out, ref[:, 5:], atol=1e-4)
+    assert all(np.allclose(x, y, atol=1e-5) for x, y in zip(c.arrays(), fresh.arrays()))
+
+
+def test_repeat_and_gather_rows_behave_like_separate_sequences(llama):
+    prefix = [1, 5, 9, 13]
+    c = llama.new_cache()
+    llama.forward(prefix, c)
+    c.repeat(3)
+    rows = np.array([[20, 21], [30, 31], [40, 41]])
+    batched = llama.forward(rows, c)
+    for r in range(3):
+        assert np.allclose(batched[r], llama.forward(prefix + rows[r].tolist(), llama.new_cache())[0, 4:], atol=1e-4)
+    c.gather([2])  # pick the winner row
+    nxt = llama.forward([[7]], c)
+    ref = llama.forward(prefix + rows[2].tolist() + [7], llama.new_cache())
+    assert np.allclose(nxt[0, -1], ref[0, -1], atol=1e-4)
+
+
+def test_forward_refuses_overflow_before_running(llama):
+    c = llama.new_cache()
+    calls = llama.calls
+    with pytest.raises(ContextLengthError):
+        llama.forward(np.ones((1, llama.spec.max_context + 1), dtype=np.int64), c)
+    assert llama.calls == calls and c.length == 0
+
+
+def test_gpt2_feeds_by_name(gpt2_bundle):
+    s = ModelSession(load_bundle(gpt2_bundle).target, threads=1)
+    c = s.new_cache()
+    a = s.forward([1, 2, 3], c)
+    b = s.forward([4], c)
+    assert np.allclose(b[0, -1], s.forward([1, 2, 3, 4], s.new_cache())[0, -1], atol=1e-4)
+    assert a.shape[1] == 3
+
+
+def _copy_bundle(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_corrupt_graph_is_a_bundle_error(llama_bundle, tmp_path):
+    root = _copy_bundle(llama_bundle, tmp_path / "b")
+    spec = load_bundle(root, verify=False).target
+    spec.path.write_bytes(b"not an onnx graph")
+    with pytest.raises(BundleError, match="could not load the graph.*re-export"):
+        ModelSession(spec)
+
+
+def test_graph_io_mismatch_is_a_bundle_error(llama_bundle, tmp_path):
+    root = _copy_bundle(llama_bundle, tmp_path / "b")
+    m = json.loads((root / "bundle.json").read_text())
+    m["models"]["target"]["inputs"].append("token_type_ids")
+    (root / "bundle.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="do not match the manifest"):
+        ModelSession(load_bundle(root, verify=False).target)
