@@ -40,9 +40,9 @@ def _bundle_summary(root, manifest: dict) -> dict:
     models = {}
     for role, e in manifest["models"].items():
         models[role] = {k: e.get(k) for k in keys}
-        if e.get("validation"):
-            models[role]["max_abs_diff"] = e["validation"]["max_abs_diff"]
-            models[role]["top1_agreement"] = e["validation"]["top1_agreement"]
+        for k in ("max_abs_diff", "top1_agreement", "skipped"):
+            if k in (e.get("validation") or {}):
+                models[role][k] = e["validation"][k]
     return {"bundle": str(root), "vocab_size": manifest["vocab_size"], "models": models}
 
 
@@ -63,7 +63,10 @@ def _describe_bundle(root, manifest: dict, verified: bool) -> str:
                      f"{e.get('hidden_size', '?')}, logits {e['vocab_size']}, max context {e['max_context']}")
         lines.append(f"{'':<11} {params / 1e6 if params else 0:.2f}M params, KV {e['dtype']}, quantization {q}, "
                      f"{mib(e.get('size_bytes'))} ({e['path']}), source {e.get('source', '?')}")
-        if v := e.get("validation"):
+        v = e.get("validation")
+        if v and "skipped" in v:
+            lines.append(f"{'':<11} not validated: {v['skipped']}")
+        elif v:
             lines.append(f"{'':<11} validated vs PyTorch ({v['precision']}): max |logit diff| "
                          f"{v['max_abs_diff']:.2g}, top-1 agreement {v['top1_agreement']:.2f}")
     prov = manifest["provenance"]
@@ -109,6 +112,7 @@ def export_cmd(target, draft, out, quantize, quantize_target, quantize_draft, fp
     if as_json:
         click.echo(json.dumps(summary))
     else:
+        click.echo(_describe_bundle(out, manifest, verified=True))
         click.echo(f"wrote {out} in {summary['seconds']} s", err=True)
 
 
