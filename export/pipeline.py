@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -84,20 +85,87 @@ def _install(tmp: Path, out: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _model_entry(role: str, rel_dir: str, io: dict[str, Any], dims: dict[str, Any], files: dict[str, str],
-                 config, params: int, max_context: int, quantization: str | None, fp16: bool, source: str,
-                 validation: dict[str, Any] | None) -> dict[str, Any]:
+@dataclass
+class _Checkpoint:
+    role: str
+    given: str  # as the user passed it
+    path: Path  # local folder (a hub id resolves to its snapshot)
+    config: Any
+    dims: dict[str, Any]
+    max_context: int
+
+
+def _read_sources(given: dict[str, str], max_context: int | None):
+    """Check both checkpoints and their shared tokenizer before any expensive step."""
+    from . import sources, tokenizer_check
+
+    paths = {r: sources.resolve_source(given[r], r) for r in ROLES}
+    configs = {r: sources.load_config(paths[r], r) for r in ROLES}
+    for r in ROLES:
+        sources.check_causal_lm(configs[r], r)
+    toks = {r: tokenizer_check.load_tokenizer(paths[r], r) for r in ROLES}
+    tokenizer_check.check_same_tokenizer(toks["target"], toks["draft"])
+    vocab = tokenizer_check.vocab_size(toks["target"])
+    ckpts = {}
+    for r in ROLES:
+        dims = sources.config_dims(configs[r])
+        if dims["vocab_size"] < vocab:
+            raise ExportError(f"{r} model has {dims['vocab_size']} logits but the tokenizer has {vocab} ids; "
+                              "the checkpoint and its tokenizer do not belong together")
+        pos = sources.max_positions(configs[r])
+        if pos is None and max_context is None:
+            raise ExportError(f"{r} config declares no maximum position count; pass --max-context")
+        ctx = min(x for x in (pos, max_context) if x is not None)
+        ckpts[r] = _Checkpoint(r, given[r], paths[r], configs[r], dims, ctx)
+    return ckpts, toks["target"], vocab
+
+
+def _export_model(ck: _Checkpoint, bundle: Path, quantization: str | None, fp16: bool, validate: bool, ids,
+                  steps) -> dict[str, Any]:
+    """Build, transform and validate one model's graph into bundle/<role>/; return its manifest entry."""
+    from . import graph, sources
+    from .validate import reference_logits, validate_graph
+
+    r = ck.role
+    steps.set_postfix_str(f"{r}: exporting graph")
+    work = Path(tempfile.mkdtemp(prefix=f"{r}-raw-", dir=bundle))
+    raw = graph.build_decoder_graph(ck.path, work)  # a tree-attention builder would be chosen here
+    steps.update()
+    model_dir = bundle / r
+    model_dir.mkdir()
+    final = model_dir / graph.GRAPH
+    precision = "fp16" if fp16 else (quantization or "fp32")
+    steps.set_postfix_str(f"{r}: {precision}")
+    if quantization == "int8":
+        graph.quantize_int8(raw, final)
+    elif fp16:
+        graph.convert_fp16(raw, final)
+    else:
+        for p in graph.graph_files(raw):
+            os.replace(p, model_dir / p.name)
+    shutil.rmtree(work)
+    (model_dir / "config.json").write_text(ck.config.to_json_string(), encoding="utf-8")
+    steps.update()
+
+    io = graph.read_io(final)
     # The graph is the truth for the KV layout; a disagreeing config means the exporter read it differently.
     for key in ("num_layers", "num_kv_heads", "head_dim"):
-        if io[key] != dims[key]:
-            raise ExportError(f"{role} graph has {key}={io[key]} but its config says {dims[key]}; "
+        if io[key] != ck.dims[key]:
+            raise ExportError(f"{r} graph has {key}={io[key]} but its config says {ck.dims[key]}; "
                               "the exporter does not support this architecture's attention layout")
-    return {"path": f"{rel_dir}/model.onnx", "files": files, "model_type": config.model_type,
-            "num_layers": io["num_layers"], "num_kv_heads": io["num_kv_heads"], "head_dim": io["head_dim"],
-            "num_attention_heads": dims["num_attention_heads"], "hidden_size": dims["hidden_size"],
-            "vocab_size": dims["vocab_size"], "max_context": max_context, "dtype": io["dtype"],
-            "inputs": io["inputs"], "outputs": io["outputs"], "num_parameters": params,
-            "quantization": quantization, "fp16": fp16, "source": source, "validation": validation}
+    validation = None
+    if validate:
+        steps.set_postfix_str(f"{r}: validating against PyTorch")
+        validation = validate_graph(final, io, reference_logits(ck.path, ids), ids, precision, r)
+    steps.update()
+    files = [*graph.graph_files(final), model_dir / "config.json"]
+    return {"path": f"{r}/{graph.GRAPH}", "files": {f"{r}/{p.name}": sha256_file(p) for p in files},
+            "model_type": ck.config.model_type, "num_layers": io["num_layers"], "num_kv_heads": io["num_kv_heads"],
+            "head_dim": io["head_dim"], "num_attention_heads": ck.dims["num_attention_heads"],
+            "hidden_size": ck.dims["hidden_size"], "vocab_size": ck.dims["vocab_size"],
+            "max_context": ck.max_context, "dtype": io["dtype"], "inputs": io["inputs"], "outputs": io["outputs"],
+            "num_parameters": sources.count_parameters(ck.config), "quantization": quantization, "fp16": fp16,
+            "size_bytes": sum(p.stat().st_size for p in files), "source": ck.given, "validation": validation}
 
 
 def export_bundle(target: str | Path, draft: str | Path, out: str | Path, *,
@@ -109,12 +177,13 @@ def export_bundle(target: str | Path, draft: str | Path, out: str | Path, *,
     quantize: "int8" (both), or {"target": "int8", "draft": None} per model: dynamic int8 weights for CPU.
     fp16: fp16 weights and KV cache, for GPU. max_context: cap on the context (default: the config's positions).
     validate: compare every graph with PyTorch (prefill + multi-token decode) and refuse a mismatch.
-    force: replace an existing bundle at `out`.
+    force: replace an existing bundle at `out`. progress: a progress line on stderr.
     """
     from tqdm import tqdm
 
-    from . import graph, sources, tokenizer_check
-    from .validate import reference_logits, sample_ids, validate_graph
+    from .graph import OPSET
+    from .sources import TASK
+    from .validate import sample_ids
 
     quant = per_model_quantization(quantize)
     if fp16 and any(quant.values()):
@@ -128,100 +197,48 @@ def export_bundle(target: str | Path, draft: str | Path, out: str | Path, *,
     require_export_deps()
     given = {"target": str(target), "draft": str(draft)}
 
-    steps = tqdm(total=2 + 3 * len(ROLES), desc="export", unit="step", file=sys.stderr, disable=not progress,
+    steps = tqdm(total=2 + 3 * len(ROLES), desc="export", file=sys.stderr, disable=not progress,
                  bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}] {postfix}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         steps.set_postfix_str("checking sources")
-        srcs = {r: sources.resolve_source(given[r], r) for r in ROLES}
-        configs = {r: sources.load_config(srcs[r], r) for r in ROLES}
-        for r in ROLES:
-            sources.check_causal_lm(configs[r], r)
-        toks = {r: tokenizer_check.load_tokenizer(srcs[r], r) for r in ROLES}
-        tokenizer_check.check_same_tokenizer(toks["target"], toks["draft"])
-        vocab = tokenizer_check.vocab_size(toks["target"])
-        dims = {r: sources.config_dims(configs[r]) for r in ROLES}
-        for r in ROLES:
-            if dims[r]["vocab_size"] < vocab:
-                raise ExportError(f"{r} model has {dims[r]['vocab_size']} logits but the tokenizer has {vocab} "
-                                  "ids; the checkpoint and its tokenizer do not belong together")
-        ctx = {}
-        for r in ROLES:
-            pos = sources.max_positions(configs[r])
-            if pos is None and max_context is None:
-                raise ExportError(f"{r} config declares no maximum position count; pass --max-context")
-            ctx[r] = min(x for x in (pos, max_context) if x is not None)
+        ckpts, tok, vocab = _read_sources(given, max_context)
         steps.update()
-
-        steps.set_postfix_str("saving tokenizer")
-        tok_dir = tmp / "tokenizer"
-        toks["target"].save_pretrained(tok_dir)
-        tok_files = {f"tokenizer/{p.name}": sha256_file(p) for p in sorted(tok_dir.iterdir())
-                     if p.name in _TOKENIZER_FILES}
-        steps.update()
-
-        ids = sample_ids(vocab)
-        models = {}
-        for r in ROLES:
-            steps.set_postfix_str(f"{r}: exporting graph")
-            work = Path(tempfile.mkdtemp(prefix=f"{r}-raw-", dir=tmp))
-            path = graph.build_decoder_graph(srcs[r], work)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            steps.set_postfix_str("saving tokenizer")
+            tok.save_pretrained(tmp / "tokenizer")
+            tok_files = {f"tokenizer/{p.name}": sha256_file(p) for p in sorted((tmp / "tokenizer").iterdir())
+                         if p.name in _TOKENIZER_FILES}
             steps.update()
-            model_dir = tmp / r
-            model_dir.mkdir()
-            final = model_dir / graph.GRAPH
-            precision = "fp16" if fp16 else (quant[r] or "fp32")
-            steps.set_postfix_str(f"{r}: {precision}")
-            if quant[r] == "int8":
-                graph.quantize_int8(path, final)
-            elif fp16:
-                graph.convert_fp16(path, final)
-            else:
-                for p in graph.graph_files(path):
-                    os.replace(p, model_dir / p.name)
-            shutil.rmtree(work)
-            (model_dir / "config.json").write_text(configs[r].to_json_string(), encoding="utf-8")
-            steps.update()
-            io = graph.read_io(final)
-            validation = None
-            if validate:
-                steps.set_postfix_str(f"{r}: validating against PyTorch")
-                validation = validate_graph(final, io, reference_logits(srcs[r], ids), ids, precision, r)
-            steps.update()
-            files = {f"{r}/{p.name}": sha256_file(p) for p in [*graph.graph_files(final), model_dir / "config.json"]}
-            entry = _model_entry(r, r, io, dims[r], files, configs[r], sources.count_parameters(configs[r]), ctx[r],
-                                 quant[r], fp16, given[r], validation)
-            entry["size_bytes"] = sum((tmp / f).stat().st_size for f in files)
-            models[r] = entry
-
-        tgt_tok = toks["target"]
-        manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
-            "vocab_size": vocab,
-            "vocab_padded": any(models[r]["vocab_size"] != vocab for r in ROLES),
-            "bos_token_id": tgt_tok.bos_token_id if tgt_tok.bos_token_id is not None
-            else getattr(configs["target"], "bos_token_id", None),
-            "eos_token_id": tgt_tok.eos_token_id if tgt_tok.eos_token_id is not None
-            else getattr(configs["target"], "eos_token_id", None),
-            "pad_token_id": tgt_tok.pad_token_id,
-            "tokenizer": {"path": "tokenizer/tokenizer.json", "files": tok_files},
-            "models": models,
-            "provenance": {
-                "sources": given, "resolved": {r: str(srcs[r]) for r in ROLES},
-                "mjsd_version": _version("mjsd"), "versions": {d: _version(d) for d in _VERSIONED},
-                "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "options": {"quantize": quant, "fp16": fp16, "max_context": max_context, "validate": validate,
-                            "opset": graph.OPSET, "task": sources.TASK},
-            },
-        }
-        validate_manifest(manifest)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        steps.set_postfix_str("done")
-        _check_out(out, force)  # someone may have created it meanwhile
-        _install(tmp, out)
-        return manifest
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            ids = sample_ids(vocab)
+            models = {r: _export_model(ckpts[r], tmp, quant[r], fp16, validate, ids, steps) for r in ROLES}
+            manifest = {
+                "format": FORMAT, "format_version": FORMAT_VERSION,
+                "vocab_size": vocab,
+                "vocab_padded": any(models[r]["vocab_size"] != vocab for r in ROLES),
+                "bos_token_id": tok.bos_token_id if tok.bos_token_id is not None
+                else getattr(ckpts["target"].config, "bos_token_id", None),
+                "eos_token_id": tok.eos_token_id if tok.eos_token_id is not None
+                else getattr(ckpts["target"].config, "eos_token_id", None),
+                "pad_token_id": tok.pad_token_id,
+                "tokenizer": {"path": "tokenizer/tokenizer.json", "files": tok_files},
+                "models": models,
+                "provenance": {
+                    "sources": given, "resolved": {r: str(ckpts[r].path) for r in ROLES},
+                    "mjsd_version": _version("mjsd"), "versions": {d: _version(d) for d in _VERSIONED},
+                    "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "options": {"quantize": quant, "fp16": fp16, "max_context": max_context, "validate": validate,
+                                "opset": OPSET, "task": TASK},
+                },
+            }
+            validate_manifest(manifest)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            steps.set_postfix_str("done")
+            _check_out(out, force)  # something may have appeared there meanwhile
+            _install(tmp, out)
+            return manifest
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     finally:
         steps.close()
