@@ -68,6 +68,14 @@ def _check_out(out: Path, force: bool) -> None:
     raise ExportError(f"{out} exists and is not an mjsd bundle; refusing to overwrite it (choose another --out)")
 
 
+def _make_readable(root: Path) -> None:
+    """mkdtemp and some writers create owner-only files; give the bundle the usual umask-based modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [root, *root.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 def _install(tmp: Path, out: Path) -> None:
     """Move the finished bundle into place; an old bundle is removed only after the new one is there."""
     old = None
@@ -234,6 +242,7 @@ def export_bundle(target: str | Path, draft: str | Path, out: str | Path, *,
             validate_manifest(manifest)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
             steps.set_postfix_str("done")
+            _make_readable(tmp)
             _check_out(out, force)  # something may have appeared there meanwhile
             _install(tmp, out)
             return manifest

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from mjsd.runtime.bundle import MANIFEST, load_bundle
 from mjsd.runtime.cli import main
-from mjsd.runtime.errors import ConfigError, ExportError
+from mjsd.runtime.errors import BundleError, ConfigError, ExportError
 from tests.helpers import make_checkpoint, make_tokenizer
 
 torch = pytest.importorskip("torch")
@@ -131,6 +131,25 @@ def test_int8_is_smaller_and_per_model(llama_checkpoints, llama_bundle, tmp_path
     assert t["max_context"] == d["max_context"] == 64
     assert m["provenance"]["options"]["quantize"] == {"target": "int8", "draft": None}
     load_bundle(tmp_path / "q")
+
+
+def test_external_weights_are_hashed_and_load(llama_checkpoints, tmp_path, monkeypatch):
+    """Graphs over 2 GiB keep weights in a .data file; force that path with a zero size limit."""
+    from mjsd.export import graph
+
+    monkeypatch.setattr(graph, "_PROTO_LIMIT", 0)
+    m = _export(*llama_checkpoints, tmp_path / "ext", quantize={"target": "int8"}, validate=False)
+    assert "target/model.onnx.data" in m["models"]["target"]["files"]
+    b = load_bundle(tmp_path / "ext")
+    rng = np.random.default_rng(0)
+    empty = [(np.zeros((1, 2, 0, 16), np.float32),) * 2] * 3
+    logits, _ = _run(_ort_session(b.target), b.target, rng.integers(0, 300, (1, 4)), empty)
+    assert logits.shape == (1, 4, 300) and np.isfinite(logits).all()
+    assert oct((tmp_path / "ext" / "target" / "model.onnx.data").stat().st_mode & 0o444) == "0o444"
+    data = tmp_path / "ext" / "target" / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(BundleError, match="model.onnx.data does not match its sha256"):
+        load_bundle(tmp_path / "ext")
 
 
 def test_fp16_records_kv_dtype_and_runs(gpt2_checkpoints, tmp_path):
