@@ -6,15 +6,24 @@ Beam steps work on a flattened (beam, token) table: index i stands for beam i //
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from .errors import ConfigError
+from .sampling import filter_logits, log_softmax
 
 # The draft scores its beam one token at a time in a W-row batch, the target in one call: float32 noise (~1e-6)
 # between the two must not reject a draft that equals the target at tau = 1.
 LOG_TOL = 1e-4
 # MJGD scores every sequence of V^k; beyond this it is no longer a test oracle but a hang.
 MAX_JOINT_SEQUENCES = 1 << 16
+
+
+def scoring_logprobs(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """The log-likelihoods joint decoding scores with: the filtered distribution, at temperature 1 in deterministic
+    mode (T = 0 only chooses tokens; one-hot scores would collapse the rule into plain greedy verification)."""
+    return log_softmax(filter_logits(logits, temperature or 1.0, top_k, top_p))
 
 
 def token_logprobs(logprobs: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -25,21 +34,33 @@ def token_logprobs(logprobs: np.ndarray, tokens: np.ndarray) -> np.ndarray:
 def accept_length(logp: np.ndarray, logq: np.ndarray, tau: float) -> int:
     """The longest s with logP(y_1..s) - logQ(y_1..s) > log(tau), 0 if none; a shorter failing prefix does not stop
     the search. logp, logq: per-position log-likelihoods [gamma] of the draft tokens."""
-    margin = np.cumsum(logp, dtype=np.float64) - np.cumsum(logq, dtype=np.float64)
     with np.errstate(invalid="ignore"):  # -inf - -inf is NaN, which fails like -inf
+        margin = np.cumsum(logp, dtype=np.float64) - np.cumsum(logq, dtype=np.float64)
         passing = np.flatnonzero(margin > np.log(tau) - LOG_TOL)
     return int(passing[-1]) + 1 if passing.size else 0
 
 
-def _keep_greedy(picked: np.ndarray, greedy_pair: int) -> tuple[np.ndarray, int]:
-    """Make sure the greedy chain's extension is among the picked pairs (replacing the last, least likely one);
-    returns the pairs and the greedy chain's new beam index."""
+def _keep_greedy(picked: np.ndarray, greedy_beam: int, table: np.ndarray) -> tuple[np.ndarray, int]:
+    """Make sure the greedy chain's extension is among the picked pairs (replacing the last pick);
+    returns the pairs and the greedy chain's new beam index (-1 once lost). A single beam is left alone: beam search
+    of width 1 is the greedy chain anyway, and beam sampling of width 1 is a sampled chain."""
+    if greedy_beam < 0:
+        return picked, -1
+    greedy_pair = greedy_beam * table.shape[1] + int(np.argmax(table[greedy_beam]))
     hit = np.flatnonzero(picked == greedy_pair)
     if hit.size:
         return picked, int(hit[0])
+    if len(picked) < 2:
+        return picked, -1
     picked = picked.copy()
     picked[-1] = greedy_pair
     return picked, len(picked) - 1
+
+
+def _top(x: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the n largest entries of x [N], largest first (a partition, then a sort of n only)."""
+    part = np.argpartition(-x, n - 1)[:n] if n < x.size else np.arange(x.size)
+    return part[np.argsort(-x[part], kind="stable")]
 
 
 def _split(picked: np.ndarray, scores: np.ndarray, greedy: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -51,15 +72,14 @@ def beam_search_step(cum_logq: np.ndarray, logq: np.ndarray, width: int, greedy_
     """One deterministic beam-search step on cumulative logQ.
 
     cum_logq [B]: the beams' joint log-likelihoods; logq [B, V]: each beam's next-token log-likelihoods;
-    greedy_beam: the beam that is the greedy chain, kept among the results.
+    greedy_beam: the beam that is the greedy chain (-1: none), kept among the results.
     Returns (parents [W'], tokens [W'], new cum_logq [W'], new greedy beam), best first, W' = min(width, finite pairs).
     """
     scores = cum_logq[:, None] + logq
     flat = scores.ravel()
     n = min(width, int(np.isfinite(flat).sum()))
-    picked = np.argsort(-flat, kind="stable")[:n]
-    greedy_pair = greedy_beam * logq.shape[1] + int(np.argmax(logq[greedy_beam]))
-    picked, greedy = _keep_greedy(picked, greedy_pair)
+    picked = _top(flat, n)
+    picked, greedy = _keep_greedy(picked, greedy_beam, logq)
     return _split(picked, scores, greedy)
 
 
@@ -69,7 +89,7 @@ def sample_distinct(rng: np.random.Generator, p: np.ndarray, n: int) -> np.ndarr
     so n must not exceed the number of nonzero entries."""
     with np.errstate(divide="ignore"):
         keys = np.log(p) + rng.gumbel(size=p.shape)
-    return np.argsort(-keys, kind="stable")[:n]
+    return _top(keys, n)
 
 
 def beam_sample_step(rng: np.random.Generator, cum_logq: np.ndarray, q: np.ndarray, width: int, greedy_beam: int):
@@ -80,8 +100,7 @@ def beam_sample_step(rng: np.random.Generator, cum_logq: np.ndarray, q: np.ndarr
     pi = np.exp(cum_logq - cum_logq.max())
     w = (pi / pi.sum())[:, None] * q
     picked = sample_distinct(rng, w.ravel(), min(width, int(np.count_nonzero(w))))
-    greedy_pair = greedy_beam * q.shape[1] + int(np.argmax(q[greedy_beam]))
-    picked, greedy = _keep_greedy(picked, greedy_pair)
+    picked, greedy = _keep_greedy(picked, greedy_beam, q)
     with np.errstate(divide="ignore"):
         return _split(picked, cum_logq[:, None] + np.log(q), greedy)
 
@@ -93,8 +112,7 @@ def joint_prefixes(vocab: int, k: int) -> np.ndarray:
         raise ConfigError(f"mjgd would score {vocab}^{k} = {vocab ** k} sequences (vocabulary {vocab}, gamma {k}); "
                           f"it is an oracle for tiny vocabularies: keep vocab^gamma <= {MAX_JOINT_SEQUENCES} "
                           "(lower gamma, or use mjsd)")
-    grid = np.indices((vocab,) * (k - 1)).reshape(k - 1, -1).T
-    return grid.astype(np.int64)
+    return np.array(list(itertools.product(range(vocab), repeat=k - 1)), dtype=np.int64).reshape(vocab ** (k - 1), k - 1)
 
 
 def best_joint(logprobs: np.ndarray, prefixes: np.ndarray) -> tuple[int, np.ndarray, float]:

@@ -1,0 +1,69 @@
+"""MJSD / MTAD: multi-token joint speculative decoding (Qin et al. 2024, 2025), algorithms.md section 4.
+
+The draft decodes gamma tokens with W beams (the draft KV cache fanned out to W rows, reordered by parent beam each
+step) and keeps the beam with the highest joint Q. One target call scores it; the longest prefix with
+logP - logQ > log(tau) is accepted, followed by one target token (argmax at T = 0, else a sample of the filtered
+target distribution, not the residual). Not distribution-preserving by design: it trades exactness for a higher
+joint likelihood. `mjsd` runs beam search; `mtad` beam sampling, or beam search in deterministic mode (T = 0).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from ..joint import accept_length, beam_sample_step, beam_search_step, scoring_logprobs, token_logprobs
+from ..sampling import shared_vocab
+from .common import DecodeContext
+
+
+def score(ctx: DecodeContext, logits: np.ndarray) -> np.ndarray:
+    c = ctx.cfg
+    return scoring_logprobs(shared_vocab(logits, ctx.vocab_size), c.temperature, c.top_k, c.top_p)
+
+
+def draft_beams(ctx: DecodeContext, sampling: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Beam-decode gamma draft tokens; returns the best beam [gamma] and its per-position logQ [gamma].
+    Leaves the draft cache at that beam's row (its last token unfed)."""
+    cache, width = ctx.draft_cache, ctx.cfg.beam_width
+    feed = [ctx.unfed(cache)]
+    beams, logq_hist = np.zeros((1, 0), np.int64), np.zeros((1, 0))
+    cum, greedy = np.zeros(1), 0
+    for s in range(ctx.cfg.gamma):
+        if s:
+            cache.gather(parents)
+        logq = score(ctx, ctx.draft.forward(feed, cache)[:, -1])
+        if sampling:
+            parents, tokens, cum, greedy = beam_sample_step(ctx.rng, cum, np.exp(logq), width, greedy)
+        else:
+            parents, tokens, cum, greedy = beam_search_step(cum, logq, width, greedy)
+        beams = np.column_stack([beams[parents], tokens])
+        logq_hist = np.column_stack([logq_hist[parents], logq[parents, tokens]])
+        feed = tokens[:, None]
+    best = int(np.argmax(cum))
+    cache.gather([parents[best]])
+    return beams[best], logq_hist[best]
+
+
+def joint_rounds(ctx: DecodeContext, sampling: bool) -> Iterator[list[int]]:
+    gamma = ctx.cfg.gamma
+    while True:
+        base = len(ctx.ids)  # accepted text incl. the pending token
+        draft, logq = draft_beams(ctx, sampling)
+        logits = ctx.target.forward(ctx.unfed(ctx.target_cache) + draft.tolist(), ctx.target_cache)[0, -(gamma + 1):]
+        n = accept_length(token_logprobs(score(ctx, logits[:gamma]), draft), logq, ctx.cfg.tau)
+        token = ctx.pick(logits[n])
+        ctx.target_cache.crop(base + n)
+        ctx.draft_cache.crop(min(ctx.draft_cache.length, base + n))
+        ctx.stats.record_round(gamma, n)
+        new = draft[:n].tolist() + [token]
+        ctx.ids += new
+        yield new
+
+
+def mjsd(ctx: DecodeContext) -> Iterator[list[int]]:
+    return joint_rounds(ctx, sampling=False)
+
+
+def mtad(ctx: DecodeContext) -> Iterator[list[int]]:
+    return joint_rounds(ctx, sampling=ctx.cfg.temperature > 0)

@@ -1,0 +1,127 @@
+"""Joint-decoding math: acceptance rule, beam steps, joint argmax (pure NumPy, no ORT)."""
+import itertools
+
+import numpy as np
+import pytest
+
+from mjsd.runtime.errors import ConfigError
+from mjsd.runtime.joint import (MAX_JOINT_SEQUENCES, accept_length, beam_sample_step, beam_search_step, best_joint,
+                                joint_prefixes, sample_distinct, token_logprobs)
+
+
+
+def L(p):
+    with np.errstate(divide="ignore"):
+        return np.log(p)
+
+
+def test_accept_length_is_the_longest_passing_prefix():
+    # margins logP - logQ over prefixes 1..4: -1.0 (fails), +0.2 (passes), -0.8 (fails), -0.3 (passes at tau 0.5)
+    logp = np.array([-2.0, -0.8, -1.5, -0.5])
+    logq = np.array([-1.0, -2.0, -0.5, -1.0])
+    assert accept_length(logp, logq, 0.5) == 4  # not 0 (first failure), not 2
+    assert accept_length(logp, logq, 0.9) == 2
+    assert accept_length(logp, logq, 1.0) == 2
+    assert accept_length(logp[:1], logq[:1], 0.5) == 0
+    assert accept_length(logp, logq, 1e-30) == 4
+    # a target zero (-inf) fails its prefix and every longer one, even against a -inf draft
+    assert accept_length(np.array([-1.0, -np.inf, -1.0]), np.array([-1.0, -np.inf, -1.0]), 0.5) == 1
+
+
+def test_equal_likelihoods_pass_at_tau_one_despite_float_noise():
+    logq = np.array([-1.2, -0.7, -3.1], dtype=np.float32)
+    assert accept_length(logq - np.float32(2e-6), logq, 1.0) == 3
+    assert accept_length(logq - np.float32(1e-2), logq, 1.0) == 0
+
+
+def _greedy_trap():
+    """Two steps over 3 tokens where greedy is not the joint argmax: token 0 (0.4) then a flat 0.34 gives 0.136;
+    token 1 (0.35) then 0.5 gives 0.175."""
+    q1 = np.array([0.40, 0.35, 0.25])
+    q2 = np.array([[0.34, 0.33, 0.33], [0.5, 0.5, 0.0], [0.1, 0.1, 0.8]])
+    return q1, q2
+
+
+def test_beam_search_finds_the_joint_argmax_greedy_misses_and_keeps_the_greedy_chain():
+    q1, q2 = _greedy_trap()
+    parents, tokens, cum, greedy = beam_search_step(np.zeros(1), L(q1)[None], 2, 0)
+    assert tokens.tolist() == [0, 1] and parents.tolist() == [0, 0] and greedy == 0
+    parents, tokens, cum2, greedy = beam_search_step(cum, L(q2[tokens]), 2, greedy)
+    assert (parents[0], tokens[0]) == (1, 0) and np.isclose(np.exp(cum2[0]), 0.175)  # best joint first
+    # plain top-2 would be (1,0), (1,1); the greedy chain 0 -> 0 replaces the last pick
+    assert (parents[1], tokens[1]) == (0, 0) and greedy == 1 and np.isclose(np.exp(cum2[1]), 0.136)
+    # width 1 is greedy
+    _, t, c, _ = beam_search_step(np.zeros(1), L(q1)[None], 1, 0)
+    assert t.tolist() == [0]
+
+
+def test_beam_search_skips_filtered_tokens():
+    logq = L(np.array([[0.7, 0.3, 0.0, 0.0]]))
+    _, tokens, cum, _ = beam_search_step(np.zeros(1), logq, 4, 0)
+    assert tokens.tolist() == [0, 1] and np.isfinite(cum).all()
+
+
+def test_sample_distinct_is_sequential_sampling_without_replacement():
+    rng = np.random.default_rng(0)
+    p = np.array([0.5, 0.3, 0.2, 0.0])
+    n = 20000
+    counts = {}
+    for _ in range(n):
+        pair = tuple(sample_distinct(rng, p, 2))
+        counts[pair] = counts.get(pair, 0) + 1
+    for (i, j), c in counts.items():
+        assert p[i] > 0 and p[j] > 0 and i != j
+        exact = p[i] * p[j] / (1 - p[i])
+        assert abs(c / n - exact) < 4 * np.sqrt(exact / n) + 1e-3
+
+
+def test_beam_sample_step():
+    rng = np.random.default_rng(1)
+    q1, q2 = _greedy_trap()
+    parents, tokens, cum, greedy = beam_sample_step(rng, np.zeros(1), q1[None], 3, 0)
+    assert sorted(tokens.tolist()) == [0, 1, 2] and np.allclose(np.exp(cum), q1[tokens])
+    # all pairs with nonzero weight, each once; the zero-probability pair (1, 2) never
+    parents, t2, cum2, g2 = beam_sample_step(rng, cum, q2[tokens], 9, greedy)
+    pairs = set(zip(tokens[parents].tolist(), t2.tolist()))
+    assert len(pairs) == 8 and (1, 2) not in pairs
+    assert np.allclose(np.exp(cum2), q1[tokens[parents]] * q2[tokens[parents], t2])
+    assert (tokens[parents[g2]], t2[g2]) == (0, 0)  # the greedy chain is still there
+    # weights pi_b * q(v|b): first-drawn pair frequencies follow the normalised joint Q
+    w = (q1[:, None] * q2).ravel()
+    firsts = np.zeros(9)
+    for _ in range(6000):
+        p, t, _, _ = beam_sample_step(rng, L(q1), q2, 2, -1)
+        firsts[p[0] * 3 + t[0]] += 1
+    assert np.abs(firsts / firsts.sum() - w).max() < 0.02
+
+
+def test_beam_sampling_of_width_one_is_a_sampled_chain():
+    rng = np.random.default_rng(2)
+    seen = {int(beam_sample_step(rng, np.zeros(1), np.array([[0.5, 0.5]]), 1, 0)[1][0]) for _ in range(50)}
+    assert seen == {0, 1}
+
+
+def test_best_joint_equals_brute_force():
+    rng = np.random.default_rng(3)
+    vocab, k = 4, 3
+    table = rng.dirichlet(np.ones(vocab) * 0.5, size=(vocab, vocab))  # p(next | last two tokens)
+
+    def logprobs_after(seq):  # log p(. | context 0, seq) for every prefix length
+        ctx = [0, 0] + list(seq)
+        return np.log([table[ctx[i], ctx[i + 1]] for i in range(len(seq) + 1)])
+
+    prefixes = joint_prefixes(vocab, k)
+    assert prefixes.shape == (vocab ** (k - 1), k - 1)
+    logprobs = np.stack([logprobs_after(p) for p in prefixes])  # [N, k, V]
+    _, tokens, score = best_joint(logprobs, prefixes)
+    brute = max(itertools.product(range(vocab), repeat=k),
+                key=lambda y: token_logprobs(logprobs_after(y[:-1]), np.array(y)).sum())
+    assert tuple(tokens) == brute
+    assert np.isclose(score, token_logprobs(logprobs_after(brute[:-1]), np.array(brute)).sum())
+
+
+def test_joint_prefixes_refuse_large_vocabularies():
+    assert joint_prefixes(12, 1).shape == (1, 0)
+    with pytest.raises(ConfigError, match="vocab"):
+        joint_prefixes(32000, 2)
+    assert 16 ** 4 <= MAX_JOINT_SEQUENCES
