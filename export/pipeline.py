@@ -135,7 +135,7 @@ def _export_model(ck: _Checkpoint, bundle: Path, quantization: str | None, fp16:
     from .validate import reference_logits, validate_graph
 
     r = ck.role
-    steps.set_postfix_str(f"{r}: exporting graph")
+    steps.set_description_str(f"{r}: exporting graph")
     work = Path(tempfile.mkdtemp(prefix=f"{r}-raw-", dir=bundle))
     raw = graph.build_decoder_graph(ck.path, work)  # a tree-attention builder would be chosen here
     steps.update()
@@ -143,7 +143,7 @@ def _export_model(ck: _Checkpoint, bundle: Path, quantization: str | None, fp16:
     model_dir.mkdir()
     final = model_dir / graph.GRAPH
     precision = "fp16" if fp16 else (quantization or "fp32")
-    steps.set_postfix_str(f"{r}: {precision}")
+    steps.set_description_str(f"{r}: {precision}")
     if quantization == "int8":
         graph.quantize_int8(raw, final)
     elif fp16:
@@ -163,7 +163,7 @@ def _export_model(ck: _Checkpoint, bundle: Path, quantization: str | None, fp16:
                               "the exporter does not support this architecture's attention layout")
     validation = None
     if validate:
-        steps.set_postfix_str(f"{r}: validating against PyTorch")
+        steps.set_description_str(f"{r}: validating against PyTorch")
         validation = validate_graph(final, io, reference_logits(ck.path, ids), ids, precision, r)
     steps.update()
     files = [*graph.graph_files(final), model_dir / "config.json"]
@@ -206,14 +206,14 @@ def export_bundle(target: str | Path, draft: str | Path, out: str | Path, *,
     given = {"target": str(target), "draft": str(draft)}
 
     steps = tqdm(total=2 + 3 * len(ROLES), desc="export", file=sys.stderr, disable=not progress,
-                 bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}] {postfix}")
+                 bar_format="export [{n_fmt}/{total_fmt} {elapsed}] {desc}")
     try:
-        steps.set_postfix_str("checking sources")
+        steps.set_description_str("checking sources")
         ckpts, tok, vocab = _read_sources(given, max_context)
         steps.update()
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
-            steps.set_postfix_str("saving tokenizer")
+            steps.set_description_str("saving tokenizer")
             tok.save_pretrained(tmp / "tokenizer")
             tok_files = {f"tokenizer/{p.name}": sha256_file(p) for p in sorted((tmp / "tokenizer").iterdir())
                          if p.name in _TOKENIZER_FILES}
@@ -241,7 +241,7 @@ def export_bundle(target: str | Path, draft: str | Path, out: str | Path, *,
             }
             validate_manifest(manifest)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-            steps.set_postfix_str("done")
+            steps.set_description_str("done")
             _make_readable(tmp)
             _check_out(out, force)  # something may have appeared there meanwhile
             _install(tmp, out)

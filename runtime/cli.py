@@ -58,7 +58,7 @@ def _describe_bundle(root, manifest: dict, verified: bool) -> str:
     for role, e in manifest["models"].items():
         params = e.get("num_parameters")
         q = e.get("quantization") or "none"
-        lines.append(f"{role:<11} {e['model_type']}, {e['num_layers']} layers, {e.get('num_attention_heads', '?')} "
+        lines.append(f"{role:<11} {e['model_type']}, {e['num_layers']} layer{'s' * (e['num_layers'] != 1)}, {e.get('num_attention_heads', '?')} "
                      f"heads / {e['num_kv_heads']} KV heads x head_dim {e['head_dim']}, hidden "
                      f"{e.get('hidden_size', '?')}, logits {e['vocab_size']}, max context {e['max_context']}")
         lines.append(f"{'':<11} {params / 1e6 if params else 0:.2f}M params, KV {e['dtype']}, quantization {q}, "
