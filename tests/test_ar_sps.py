@@ -49,14 +49,16 @@ def run(target, prompt, draft=None, **cfg):
 @pytest.mark.parametrize("gamma", [1, 3, 5])
 def test_sps_greedy_equals_ar_greedy(llama, gamma):
     b, target, draft = llama
-    noisy = NoisyDraft(ModelSession(b.target, threads=1), scale=2.0)
+    noisy = NoisyDraft(ModelSession(b.target, threads=1), scale=0.2)
+    accepted = []
     for prompt in PROMPTS:
         ref, _ = run(target, prompt, algo="ar", max_new_tokens=40)
-        for d in (draft, target, noisy):  # never / always / sometimes accepted
+        for d in (draft, target, noisy):  # rarely / always / often accepted
             out, stats = run(target, prompt, d, algo="sps", max_new_tokens=40, gamma=gamma)
             assert out == ref, (gamma, prompt, type(d).__name__)
             assert stats.generated_tokens == 40 and stats.finish_reason == "length"
-    assert 0 < noisy.calls
+            accepted.append(stats.acceptance_rate)
+    assert 0.1 < np.mean(accepted[2::3]) < 0.9  # the noisy draft exercises partial acceptance
 
 
 def test_sps_greedy_statistics(llama):
@@ -83,11 +85,11 @@ def test_sps_greedy_equals_ar_on_gpt2(gpt2_bundle):
 
 # ---- KV state after every round equals a fresh forward over the accepted text ----------------------------------
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_caches_equal_fresh_prefill_after_every_round(llama, temperature):
+@pytest.mark.parametrize("temperature, noise", [(0.0, 0.2), (1.0, 1.0)])  # noise for ~50% acceptance
+def test_caches_equal_fresh_prefill_after_every_round(llama, temperature, noise):
     b, target, _ = llama
-    draft = NoisyDraft(ModelSession(b.draft, threads=1), scale=0.0)  # real draft graph, counted separately
-    noisy = NoisyDraft(ModelSession(b.target, threads=1), scale=1.5, seed=3)
+    draft = NoisyDraft(ModelSession(b.draft, threads=1), scale=0.0)  # the real draft graph
+    noisy = NoisyDraft(ModelSession(b.target, threads=1), scale=noise, seed=3)
     for d in (draft, noisy):
         cfg = GenerationConfig(algo="sps", gamma=3, temperature=temperature, seed=5)
         ctx = prefill(target, PROMPTS[0], cfg, GenerationStats(), draft=d, vocab_size=b.vocab_size)
