@@ -7,7 +7,8 @@ from typing import Any
 from mjsd.runtime.errors import ExportError
 
 TASK = "text-generation-with-past"
-# Files a hub snapshot needs for config, weights and tokenizer; skips other frameworks' weights.
+# Files a hub snapshot needs for config, weights and tokenizer; skips other frameworks' weights (and .bin weights
+# unless the repo has no safetensors).
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.tiktoken"]
 
 
@@ -31,7 +32,10 @@ def resolve_source(src: str | Path, role: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(src), allow_patterns=_HUB_PATTERNS))
+        path = Path(snapshot_download(str(src), allow_patterns=_HUB_PATTERNS))
+        if not any(path.glob("*.safetensors")):  # an older repo with PyTorch .bin weights only
+            path = Path(snapshot_download(str(src), allow_patterns=[*_HUB_PATTERNS, "*.bin"]))
+        return path
     except Exception as e:  # offline, unknown id, gated repo: all end here
         raise ExportError(f"{role} checkpoint {src!r} is not a local folder and could not be fetched from the "
                           f"Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
