@@ -239,6 +239,24 @@ def test_missing_path_and_non_causal_lm_and_bad_config(llama_checkpoints, tmp_pa
     assert not (tmp_path / "b").exists()
 
 
+def test_checkpoint_without_tokenizer_is_refused(llama_checkpoints, tmp_path):
+    import shutil
+
+    bare = shutil.copytree(llama_checkpoints[1], tmp_path / "bare")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (bare / name).unlink()
+    with pytest.raises(ExportError, match="draft checkpoint .*cannot load its tokenizer"):
+        _export(llama_checkpoints[0], bare, tmp_path / "b")
+
+
+@pytest.mark.parametrize("src, hub", [("Qwen/Qwen2.5-0.5B", True), ("gpt2", True), ("./models/x", False),
+                                      ("/abs/x", False), ("a/b/c", False), ("~/x", False)])
+def test_hub_ids_are_told_from_paths(src, hub):
+    from mjsd.export.sources import _looks_like_hub_id
+
+    assert _looks_like_hub_id(src) is hub
+
+
 def test_failed_validation_leaves_nothing_and_keeps_the_old_bundle(llama_checkpoints, llama_bundle, tmp_path,
                                                                    monkeypatch):
     import shutil
