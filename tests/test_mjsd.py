@@ -1,0 +1,160 @@
+"""MJGD, MJSD and MTAD on real exported graphs: the oracle by brute force, acceptance, KV state, repeatability."""
+import itertools
+
+import numpy as np
+import pytest
+
+from mjsd.runtime.bundle import load_bundle
+from mjsd.runtime.config import GenerationConfig
+from mjsd.runtime.decoding import generate_ids
+from mjsd.runtime.errors import ConfigError
+from mjsd.runtime.sampling import log_softmax
+from mjsd.runtime.session import ModelSession
+from tests.test_ar_sps import NoisyDraft
+from tests.test_mcsd import PROMPTS, run_rounds
+
+TINY_PROMPTS = [[1], [1, 5], [1, 6, 7, 8], [2, 4], [1, 10], [1, 8], [1, 4, 9, 8, 9], [3, 10, 11, 4, 5]]
+
+
+@pytest.fixture(scope="module")
+def llama(llama_bundle):
+    b = load_bundle(llama_bundle)
+    return b, ModelSession(b.target, threads=1), ModelSession(b.draft, threads=1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_vocab_bundle):
+    b = load_bundle(tiny_vocab_bundle)
+    # a second session over the target graph: a draft equal to the target, with its own cache and counters
+    return b, ModelSession(b.target, threads=1), ModelSession(b.target, threads=1)
+
+
+def gen(target, prompt, draft=None, **cfg):
+    return generate_ids(target, prompt, GenerationConfig(**cfg), draft=draft)
+
+
+def joint_logp(model, context, continuations, vocab):
+    """log p(y | context) of each continuation [N, k], by one fresh forward without any cache reuse."""
+    seqs = np.array([list(context) + list(y) for y in continuations])
+    fresh = model.new_cache(batch=len(seqs))
+    logprobs = log_softmax(model.forward(seqs, fresh)[:, len(context) - 1:-1, :vocab])
+    return np.take_along_axis(logprobs, np.asarray(continuations)[..., None], -1)[..., 0].sum(-1)
+
+
+# ---- MJGD: the oracle ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k,prompts", [(2, TINY_PROMPTS[:3]), (3, TINY_PROMPTS[5:6])])
+def test_mjgd_equals_brute_force(tiny, k, prompts):
+    b, target, _ = tiny
+    vocab = b.vocab_size
+    every = np.array(list(itertools.product(range(vocab), repeat=k)))
+    for prompt in prompts:
+        out, _ = gen(target, prompt, algo="mjgd", gamma=k, max_new_tokens=2 * k)
+        text = list(prompt)
+        for _ in range(2):  # exhaustive argmax over V^k continuations, block by block
+            text += every[int(np.argmax(joint_logp(target, text, every, vocab)))].tolist()
+        assert out == text[len(prompt):], prompt
+
+
+def test_mjgd_refuses_large_vocabularies_and_sampling(llama, tiny):
+    _, target, _ = llama
+    with pytest.raises(ConfigError, match="vocab"):  # 300^2 sequences
+        gen(target, [1], algo="mjgd", gamma=2)
+    assert gen(target, [1, 2], algo="mjgd", gamma=1, max_new_tokens=5)[0] == gen(target, [1, 2], max_new_tokens=5)[0]
+    with pytest.raises(ConfigError, match="temperature"):
+        gen(tiny[1], [1], algo="mjgd", gamma=2, temperature=1.0)
+
+
+# ---- MJSD / MTAD acceptance ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("algo,extra", [("mjsd", {}), ("mtad", dict(temperature=1.0, seed=0)),
+                                        ("mtad", dict(temperature=0.7, top_k=5, seed=1))])
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_draft_equal_to_target_accepts_full_drafts(tiny, algo, extra, tau):
+    _, target, same = tiny
+    for width in (1, 4):
+        _, stats = gen(target, [1, 5], same, algo=algo, gamma=3, beam_width=width, tau=tau, max_new_tokens=24, **extra)
+        assert stats.acceptance_rate == 1.0 and stats.per_position_acceptance == [1.0] * 3
+        assert stats.mean_accepted_length == 4.0
+
+
+def test_mtad_with_tau_near_zero_accepts_everything(llama):
+    _, target, draft = llama
+    for prompt in PROMPTS:
+        _, stats = gen(target, prompt, draft, algo="mtad", temperature=1.0, seed=3, tau=1e-30, max_new_tokens=20)
+        assert stats.acceptance_rate == 1.0
+
+
+def test_statistics(llama):
+    _, target, draft = llama
+    _, stats = gen(target, [1, 17, 42], draft, algo="mjsd", gamma=3, beam_width=2, max_new_tokens=20)
+    assert stats.draft_tokens == 3 * stats.rounds and len(stats.per_position_acceptance) == 3
+    assert stats.target_calls == stats.rounds + 1 and stats.draft_calls == 3 * stats.rounds + 1  # + prefill
+    assert stats.generated_tokens == 20 and stats.rounds + stats.accepted_tokens >= 20
+
+
+# ---- deterministic mode --------------------------------------------------------------------------------------
+
+def test_deterministic_mjsd_is_repeatable(llama):
+    _, target, draft = llama
+    for prompt in PROMPTS:  # any seed, and mtad at T = 0 is the same beam search
+        for make_draft in (lambda: draft, lambda: NoisyDraft(target, scale=0.3, seed=0)):  # rarely / often accepted
+            runs = [gen(target, prompt, make_draft(), algo=algo, seed=seed, gamma=3, max_new_tokens=30)
+                    for algo, seed in (("mjsd", None), ("mjsd", 5), ("mjsd", None), ("mtad", 9))]
+            assert runs[0][0] == runs[1][0] == runs[2][0] == runs[3][0]
+    assert runs[0][1].accepted_tokens > 10
+
+
+def test_mjsd_finds_the_joint_argmax_greedy_misses(tiny):
+    """Draft = target and a beam as wide as the vocabulary: two beam-search steps are exhaustive, so the first block
+    is MJGD's; on some prompts that is not the greedy path and has a higher joint likelihood."""
+    b, target, same = tiny
+    beaten = 0
+    for prompt in TINY_PROMPTS:
+        joint, _ = gen(target, prompt, same, algo="mjsd", gamma=2, beam_width=b.vocab_size, max_new_tokens=2)
+        assert joint == gen(target, prompt, algo="mjgd", gamma=2, max_new_tokens=2)[0]
+        greedy, _ = gen(target, prompt, max_new_tokens=2)
+        scores = joint_logp(target, prompt, [joint, greedy], b.vocab_size)
+        assert scores[0] >= scores[1] - 1e-5
+        beaten += scores[0] > scores[1] + 1e-3
+    assert beaten >= 1  # the tiny random model does trap greedy
+
+
+def test_deterministic_mjsd_scores_real_likelihoods(tiny):
+    """At T = 0 one-hot scores would make MJSD plain greedy verification (= AR greedy); real likelihoods do not."""
+    _, target, same = tiny
+    differs = [gen(target, p, same, algo="mjsd", gamma=3, beam_width=4, max_new_tokens=12)[0] !=
+               gen(target, p, max_new_tokens=12)[0] for p in TINY_PROMPTS]
+    assert any(differs)
+
+
+# ---- KV state and refusals -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("algo,cfg", [("mjsd", dict(beam_width=3)),
+                                      ("mtad", dict(beam_width=3, temperature=1.0, seed=2)),
+                                      ("mtad", dict(beam_width=1, temperature=0.9, top_p=0.9, seed=3)),
+                                      ("mjsd", dict(beam_width=2, tau=0.9, top_k=10))])
+def test_kv_state_after_every_round_equals_a_fresh_forward(llama, algo, cfg):
+    b, target, _ = llama
+    noisy = NoisyDraft(ModelSession(b.target, threads=1), scale=0.3, seed=1)
+    accepted = run_rounds(target, noisy, [1, 17, 42, 99], 12, algo=algo, gamma=3, **cfg)
+    assert min(accepted) < 3 and 3 in accepted  # partial rounds and full ones (the draft then lags a token)
+
+
+def test_beam_wider_than_the_vocabulary(tiny):
+    b, target, draft = tiny[0], tiny[1], ModelSession(tiny[0].draft, threads=1)
+    run_rounds(target, draft, [1, 5], 4, algo="mtad", gamma=3, beam_width=2 * b.vocab_size, temperature=1.0, seed=0)
+    run_rounds(target, draft, [1, 5], 4, algo="mjsd", gamma=3, beam_width=2 * b.vocab_size)
+
+
+@pytest.mark.parametrize("bad", [dict(tau=0), dict(tau=1.5), dict(tau=float("nan")), dict(beam_width=0),
+                                 dict(gamma=0), dict(beam_width=2.5)])
+def test_bad_parameters_are_refused(bad):
+    for algo in ("mjsd", "mtad"):
+        with pytest.raises(ConfigError):
+            GenerationConfig(algo=algo, **bad)
+
+
+def test_a_draft_is_required(llama):
+    with pytest.raises(ConfigError, match="draft"):
+        gen(llama[1], [1], algo="mtad")
