@@ -256,6 +256,8 @@ class PowerController:
     def _probe(self) -> None:
         """Move to the most promising neighbour by upper confidence bound (mean score + 2 standard errors): untried
         ones first, and a neighbour measured only briefly stays worth another look after its tabu."""
+        if self._jump_to_best():
+            return
         budget, here = self.budget_w, self.estimates.get(self.current)
         candidates = []
         for order, cfg in enumerate(self._neighbours(self.current)):
@@ -291,13 +293,18 @@ class PowerController:
         self._prior = None
         # On a plateau, probe less often; after a clear gain, look around again soon.
         self._interval = self.dwell if improved else min(self._interval * 2, self.dwell * MAX_BACKOFF)
+        if not self._jump_to_best():
+            self._record("probe kept")
+            self._here = 0
+
+    def _jump_to_best(self) -> bool:
+        """Kept probes may lose up to 3% each; return to a well-measured configuration that is clearly better."""
         best = max((c for c in self.estimates if self._feasible(c) and self.estimates[c].rounds >= 4 * self.dwell),
                    key=self._score, default=self.current)
         if self._score(best) > BEST_MARGIN * self._score(self.current):
-            self._move(best, "best known configuration")  # kept probes must not drift down 3% at a time
-        else:
-            self._record("probe kept")
-            self._here = 0
+            self._move(best, "best known configuration")
+            return True
+        return False
 
     def _reject_probe(self) -> None:
         prior, self._prior = self._prior, None
