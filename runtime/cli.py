@@ -130,3 +130,116 @@ def inspect_cmd(bundle, as_json, no_verify):
         click.echo(json.dumps({**b.manifest, "verified": not no_verify}, indent=2))
     else:
         click.echo(_describe_bundle(b.root, b.manifest, verified=not no_verify))
+
+
+# --- power / profiles: check a device's meters, list device profiles (runtime/energy, runtime/profiles) --------------
+
+def _format_modes(profile) -> str:
+    return ", ".join(f"{m.name} {m.budget_w:g} W" + (" (default)" if m.name == profile.default_mode else "")
+                     for m in profile.modes.values()) or "none"
+
+
+@main.command("profiles")
+@click.argument("name_or_path", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@reports_errors
+def profiles_cmd(name_or_path, as_json):
+    """List the bundled device profiles, or validate and show one (a name or a .toml path)."""
+    from .profiles import bundled_profiles, load_profile
+
+    if name_or_path:
+        p = load_profile(name_or_path)
+        if as_json:
+            click.echo(json.dumps(p.to_dict(), indent=2))
+            return
+        c = p.controller
+        click.echo(f"{p.name}: {p.description}\n  file        {p.path}\n"
+                   f"  meters      {', '.join(p.meters) or 'auto'}; rails {', '.join(p.rails) or '-'}; "
+                   f"sampling {p.sample_hz:g} Hz\n"
+                   f"  estimate    idle {p.idle_w:g} W, all cores busy {p.active_w:g} W\n"
+                   f"  modes       {_format_modes(p)}\n"
+                   f"  runtime     {', '.join(p.providers)}; intra-op threads {p.intra_op_threads or 'auto'}, "
+                   f"inter-op {p.inter_op_threads or 'auto'}\n"
+                   f"  controller  {c.objective}; W {list(c.widths)}, gamma {list(c.gammas)}, start {list(c.start)}, "
+                   f"EWMA {c.ewma:g}, dwell {c.dwell_rounds} rounds")
+        return
+    profiles = [load_profile(name) for name in sorted(bundled_profiles())]
+    if as_json:
+        click.echo(json.dumps([{"name": p.name, "description": p.description, "meters": list(p.meters),
+                                "modes": {m.name: m.budget_w for m in p.modes.values()},
+                                "default_mode": p.default_mode} for p in profiles], indent=2))
+        return
+    for p in profiles:
+        click.echo(f"{p.name:<16} {p.description}\n{'':<16} meters {', '.join(p.meters) or 'auto'}; "
+                   f"power modes {_format_modes(p)}")
+
+
+@main.command("power")
+@click.option("--profile", "profile_name", help="Device profile (name or .toml path): meter order, estimate watts.")
+@click.option("--meter", type=click.Choice(["auto", "jetson", "nvml", "rapl", "estimate"]), default="auto",
+              show_default=True, help="Use this meter only (the estimate stays as the fallback).")
+@click.option("--duration", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="Seconds of live readings (0: detection only).")
+@click.option("--hz", type=click.FloatRange(10, 100), help="Sampling rate (default: the profile's, else 50).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@reports_errors
+def power_cmd(profile_name, meter, duration, hz, as_json):
+    """Show the detected power meters and live readings, to check a device before a run."""
+    import time
+
+    from .energy import Sampler, detect
+    from .energy.detect import usable
+    from .energy.jetson import nvpmodel_query
+    from .profiles import load_profile
+
+    profile = load_profile(profile_name) if profile_name else None
+    found = detect(meter, profile)
+    meters = usable(found, meter)
+    out = {"profile": profile.name if profile else None, "nvpmodel": nvpmodel_query(),
+           "meters": [d.to_dict() for d in found], "readings": []}
+    if profile and profile.rails and meters and "rails" in meters[0].describe():
+        missing = sorted(set(profile.rails) - set(meters[0].describe()["rails"]))
+        if missing:
+            out["missing_rails"] = missing
+    if not as_json:
+        click.echo(f"profile   {out['profile'] or '(none: automatic detection)'}")
+        if out["nvpmodel"]:
+            click.echo(f"nvpmodel  {' | '.join(out['nvpmodel'].splitlines())}")
+        for d in found:
+            detail = json.dumps(d.meter.describe()) if d.meter else d.detail
+            click.echo(f"{d.backend:<9} {'ok  ' if d.meter else 'no  '} {detail}")
+        if out.get("missing_rails"):
+            click.echo(f"warning: rails {out['missing_rails']} named by profile {profile.name} are not on this device")
+    sampler = Sampler(meters, hz or (profile.sample_hz if profile else 50.0))
+    start = prev = sampler.start()
+    step = min(0.5, duration) if duration > 0 else 0
+    try:
+        while step and prev.t - start.t < duration - 1e-3:
+            time.sleep(min(step, duration - (prev.t - start.t)))
+            mark = sampler.mark()
+            r = sampler.last
+            reading = {"t": round(mark.t - start.t, 3), "watts": (mark.energy_j - prev.energy_j) / (mark.t - prev.t),
+                       "source": sampler.meter.name, "rails": dict(r.rails) if r else {}}
+            out["readings"].append(reading)
+            if not as_json:
+                rails = "  ".join(f"{k} {v:.2f} W" for k, v in reading["rails"].items())
+                label = " (estimated)" if sampler.meter.estimated else ""
+                click.echo(f"t={reading['t']:5.2f} s  {reading['watts']:7.2f} W{label}  {rails}")
+            prev = mark
+    finally:
+        end = sampler.stop()
+        for m in meters:
+            m.close()
+    seconds = end.t - start.t
+    out.update(source=" -> ".join(sampler.sources), estimated=sampler.estimated, seconds=seconds,
+               energy_j=end.energy_j - start.energy_j, warnings=sampler.warnings,
+               avg_w=(end.energy_j - start.energy_j) / seconds if seconds > 0 else None,
+               peak_w=max([r["watts"] for r in out["readings"]], default=None))
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    elif out["readings"]:
+        label = "  ESTIMATED (no sensor: CPU-time model)" if out["estimated"] else ""
+        click.echo(f"source {out['source']}: {out['energy_j']:.2f} J in {seconds:.2f} s, average "
+                   f"{out['avg_w']:.2f} W, peak {out['peak_w']:.2f} W{label}")
+    for w in sampler.warnings:
+        click.echo(f"warning: {w}", err=True)

@@ -66,13 +66,17 @@ def detect(meter: str = "auto", profile: Profile | None = None, root: Path | Non
     return found
 
 
+def usable(found: list[Detection], meter: str = "auto") -> list[Meter]:
+    """The meters that work, best first (the estimate last). An explicitly chosen meter that fails is an error."""
+    meters = [d.meter for d in found if d.meter is not None]
+    if meter not in ("auto", "estimate") and found[0].meter is None:
+        for m in meters:
+            m.close()
+        raise SensorError(f"meter {meter!r} is not usable here: {found[0].detail}")
+    return meters
+
+
 def open_meters(meter: str = "auto", profile: Profile | None = None, root: Path | None = None,
                 nvml=None) -> list[Meter]:
     """The usable meters, best first (the estimate last). An explicitly chosen meter that fails is an error."""
-    found = detect(meter, profile, root, nvml)
-    if meter not in ("auto", "estimate") and found[0].meter is None:
-        for d in found[1:]:
-            if d.meter is not None:
-                d.meter.close()
-        raise SensorError(f"meter {meter!r} is not usable here: {found[0].detail}")
-    return [d.meter for d in found if d.meter is not None]
+    return usable(detect(meter, profile, root, nvml), meter)

@@ -61,6 +61,11 @@ class Sampler:
         return self.meters[min(self._i, len(self.meters) - 1)]
 
     @property
+    def last(self) -> Reading | None:
+        """The active meter's latest reading (rails included), for live display."""
+        return self._last
+
+    @property
     def estimated(self) -> bool:
         return any(m.estimated for m in self.meters if m.name in self.sources)
 

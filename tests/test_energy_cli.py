@@ -1,0 +1,65 @@
+"""`mjsd power` and `mjsd profiles` end to end through click, on fake sysfs trees and a stand-in pynvml."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from mjsd.runtime.cli import main
+from tests import fake_nvml, fake_sysfs
+
+
+def run(*args, env=None):
+    return CliRunner().invoke(main, list(args), env=env)
+
+
+def test_power_json_on_a_fake_orin_nano(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml.make("jetson"))
+    fake_sysfs.orin_nano(tmp_path)
+    r = run("power", "--json", "--profile", "orin-nano", "--duration", "0.3", "--hz", "50",
+            env={"MJSD_SYSFS_ROOT": str(tmp_path)})
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["profile"] == "orin-nano" and out["source"] == "jetson-ina3221" and not out["estimated"]
+    assert [m["available"] for m in out["meters"]] == [True, True]  # the profile's order: jetson, estimate
+    assert out["readings"] and out["readings"][-1]["rails"]["VDD_IN"] == pytest.approx(7.0)
+    assert out["avg_w"] == pytest.approx(7.0) and "missing_rails" not in out
+
+
+def test_power_text_names_missing_rails_and_estimates(tmp_path):
+    fake_sysfs.agx_orin(tmp_path)
+    r = run("power", "--profile", "orin-nano", "--duration", "0.2", env={"MJSD_SYSFS_ROOT": str(tmp_path)})
+    assert r.exit_code == 0, r.output
+    assert "jetson    ok" in r.output and "VDD_GPU_SOC" in r.output
+    assert "rails ['VDD_CPU_GPU_CV', 'VDD_IN', 'VDD_SOC'] named by profile orin-nano are not on this device" in r.output
+    r = run("power", "--meter", "estimate", "--duration", "0.2", env={"MJSD_SYSFS_ROOT": str(tmp_path / "none")})
+    assert r.exit_code == 0 and "ESTIMATED" in r.output and "(estimated)" in r.output
+
+
+def test_power_with_nvml_energy_counter(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml.make("desktop"))
+    r = run("power", "--json", "--meter", "nvml", "--duration", "0", env={"MJSD_SYSFS_ROOT": str(tmp_path)})
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["meters"][0]["detail"]["name"] == "nvml-energy" and out["readings"] == []
+
+
+def test_power_refuses_an_unusable_meter(tmp_path):
+    r = run("power", "--meter", "rapl", env={"MJSD_SYSFS_ROOT": str(tmp_path)})
+    assert r.exit_code == 1 and "error: meter 'rapl' is not usable here: no RAPL zones" in r.output
+
+
+def test_profiles_list_show_and_refuse(tmp_path):
+    r = run("profiles")
+    assert r.exit_code == 0 and "orin-nano" in r.output and "7W 7 W" in r.output
+    r = run("profiles", "--json")
+    names = {p["name"] for p in json.loads(r.output)}
+    assert {"orin-nano", "orin-nx", "agx-orin", "x86-rapl", "nvidia-desktop", "generic-cpu"} <= names
+    r = run("profiles", "agx-orin")
+    assert r.exit_code == 0 and "VDD_GPU_SOC" in r.output and "MAXN 60 W" in r.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "bad"\ndescription = "x"\n[power]\nidle_w = 1\nactive_w = 2\nsample_hz = 500\n')
+    r = run("profiles", str(bad))
+    assert r.exit_code == 1 and "line 6: key 'power.sample_hz' must be 10..100 Hz" in r.output
