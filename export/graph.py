@@ -15,7 +15,7 @@ from typing import Any
 
 from mjsd.runtime.errors import ExportError
 
-from .sources import TASK
+from .sources import TASK, reason
 
 OPSET = 18
 GRAPH = "model.onnx"
@@ -56,8 +56,7 @@ def build_decoder_graph(src: Path, out_dir: Path) -> Path:
             main_export(str(src), out_dir, task=TASK, opset=OPSET, device="cpu", do_validation=False,
                         local_files_only=True, library_name="transformers")
     except Exception as e:
-        raise ExportError(f"optimum could not export {src} as {TASK} ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ExportError(f"optimum could not export {src} as {TASK} ({reason(e)})") from None
     path = out_dir / GRAPH
     if not path.is_file():
         raise ExportError(f"optimum exported {src} but wrote no {GRAPH} (got {sorted(p.name for p in out_dir.iterdir())})")

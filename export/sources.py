@@ -12,6 +12,12 @@ TASK = "text-generation-with-past"
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.tiktoken"]
 
 
+def reason(e: BaseException) -> str:
+    """A library exception as one short line for an error message: its type and first line."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def _looks_like_hub_id(src: str) -> bool:
     parts = src.split("/")
     return (not src.startswith((".", "/", "~")) and len(parts) <= 2 and all(parts)
@@ -38,7 +44,7 @@ def resolve_source(src: str | Path, role: str) -> Path:
         return path
     except Exception as e:  # offline, unknown id, gated repo: all end here
         raise ExportError(f"{role} checkpoint {src!r} is not a local folder and could not be fetched from the "
-                          f"Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          f"Hugging Face hub ({reason(e)}); "
                           "check the path, or the hub id and network") from None
 
 
@@ -48,8 +54,8 @@ def load_config(path: Path, role: str):
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:
-        raise ExportError(f"{role} checkpoint {path}: cannot read config.json ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}); is it a Hugging Face checkpoint?") from None
+        raise ExportError(f"{role} checkpoint {path}: cannot read config.json ({reason(e)}); "
+                          "is it a Hugging Face checkpoint?") from None
 
 
 def check_causal_lm(config, role: str) -> None:

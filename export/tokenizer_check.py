@@ -12,6 +12,8 @@ from typing import Any
 
 from mjsd.runtime.errors import ExportError
 
+from .sources import reason
+
 # Runtime settings saved in tokenizer.json that do not change how text maps to ids.
 _IGNORED = ("truncation", "padding", "version")
 
@@ -23,8 +25,8 @@ def load_tokenizer(path: Path, role: str):
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:
-        raise ExportError(f"{role} checkpoint {path}: cannot load its tokenizer ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}); the checkpoint needs tokenizer files") from None
+        raise ExportError(f"{role} checkpoint {path}: cannot load its tokenizer ({reason(e)}); the checkpoint "
+                          "needs tokenizer files") from None
     if not getattr(tok, "is_fast", False):
         raise ExportError(f"{role} checkpoint {path}: its tokenizer has no fast (tokenizer.json) version, which the "
                           "mjsd runtime needs; convert it with transformers and save it with save_pretrained")

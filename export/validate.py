@@ -22,6 +22,8 @@ import numpy as np
 
 from mjsd.runtime.errors import ExportError
 
+from .sources import reason
+
 PREFILL, DECODE, BATCH = 5, 3, 2
 TOLERANCES = {"fp32": {"rel": 1e-3, "top1": 1.0}, "fp16": {"rel": 2e-2, "top1": 0.9},
               "int8": {"rel": 0.15, "top1": 0.75}}
@@ -92,11 +94,11 @@ def validate_graph(path: Path, io: dict[str, Any], ref: np.ndarray, ids: np.ndar
     except Exception as e:
         if precision == "fp16" and providers[0] == "CPUExecutionProvider" and type(e).__name__ == "NotImplemented":
             # ORT's CPU EP lacks fp16 kernels for some ops; the graph is meant for a GPU EP, so do not refuse it.
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            warnings.warn(f"{role} fp16 graph not validated: onnxruntime's CPU provider cannot run it ({reason})")
-            return {"precision": precision, "skipped": f"CPU provider cannot run this fp16 graph: {reason}"}
+            why = reason(e)
+            warnings.warn(f"{role} fp16 graph not validated: onnxruntime's CPU provider cannot run it ({why})")
+            return {"precision": precision, "skipped": f"CPU provider cannot run this fp16 graph: {why}"}
         raise ExportError(f"{role} graph failed to run in onnxruntime ({providers[0]}) during validation "
-                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                          f"({reason(e)})") from None
     stats = compare_logits(ref, got)
     stats.update(precision=precision, provider=providers[0], tolerance=TOLERANCES[precision],
                  tokens=f"prefill {PREFILL} + decode {DECODE}, batch {BATCH}")

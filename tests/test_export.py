@@ -159,6 +159,22 @@ def test_fp16_records_kv_dtype_and_runs(gpt2_checkpoints, tmp_path):
     assert m["models"]["draft"]["validation"]["precision"] == "fp16"
 
 
+def test_fp16_graph_cpu_cannot_run_is_recorded_not_refused(monkeypatch):
+    from mjsd.export import validate
+
+    missing_kernel = type("NotImplemented", (Exception,), {})
+
+    def no_kernel(*args):
+        raise missing_kernel("Could not find an implementation for SimplifiedLayerNormalization(1) node")
+
+    monkeypatch.setattr(validate, "run_graph", no_kernel)
+    with pytest.warns(UserWarning, match="draft fp16 graph not validated"):
+        stats = validate.validate_graph(None, {}, None, None, "fp16", "draft")
+    assert "SimplifiedLayerNormalization" in stats["skipped"]
+    with pytest.raises(ExportError, match="target graph failed to run in onnxruntime"):
+        validate.validate_graph(None, {}, None, None, "fp32", "target")
+
+
 def test_padded_logit_width_is_allowed_and_recorded(tmp_path):
     tok = make_tokenizer(260)
     t = make_checkpoint(tmp_path / "t", tokenizer=tok, hidden=32, heads=2, layers=1, model_vocab_size=272)
