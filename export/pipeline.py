@@ -22,7 +22,6 @@ from mjsd.runtime.errors import ConfigError, ExportError
 
 QUANTIZATIONS = (None, "int8")
 _VERSIONED = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "tokenizers", "numpy")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def require_export_deps() -> None:
@@ -215,8 +214,7 @@ def export_bundle(target: str | Path, draft: str | Path, out: str | Path, *,
         try:
             steps.set_description_str("saving tokenizer")
             tok.save_pretrained(tmp / "tokenizer")
-            tok_files = {f"tokenizer/{p.name}": sha256_file(p) for p in sorted((tmp / "tokenizer").iterdir())
-                         if p.name in _TOKENIZER_FILES}
+            tok_files = {f"tokenizer/{p.name}": sha256_file(p) for p in sorted((tmp / "tokenizer").iterdir())}
             steps.update()
             ids = sample_ids(vocab)
             models = {r: _export_model(ckpts[r], tmp, quant[r], fp16, validate, ids, steps) for r in ROLES}
