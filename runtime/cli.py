@@ -212,7 +212,7 @@ def power_cmd(profile_name, meter, duration, hz, as_json):
             click.echo(f"warning: rails {out['missing_rails']} named by profile {profile.name} are not on this device")
     sampler = Sampler(meters, hz or (profile.sample_hz if profile else 50.0))
     start = prev = sampler.start()
-    step = min(0.5, duration) if duration > 0 else 0
+    step, peak = (min(0.5, duration) if duration > 0 else 0), 0.0
     try:
         while step and prev.t - start.t < duration - 1e-3:
             time.sleep(min(step, duration - (prev.t - start.t)))
@@ -221,6 +221,7 @@ def power_cmd(profile_name, meter, duration, hz, as_json):
             reading = {"t": round(mark.t - start.t, 3), "watts": (mark.energy_j - prev.energy_j) / (mark.t - prev.t),
                        "source": sampler.meter.name, "rails": dict(r.rails) if r else {}}
             out["readings"].append(reading)
+            peak = max(peak, mark.peak_w, reading["watts"])  # instantaneous peak for power meters
             if not as_json:
                 rails = "  ".join(f"{k} {v:.2f} W" for k, v in reading["rails"].items())
                 label = " (estimated)" if sampler.meter.estimated else ""
@@ -234,7 +235,7 @@ def power_cmd(profile_name, meter, duration, hz, as_json):
     out.update(source=" -> ".join(sampler.sources), estimated=sampler.estimated, seconds=seconds,
                energy_j=end.energy_j - start.energy_j, warnings=sampler.warnings,
                avg_w=(end.energy_j - start.energy_j) / seconds if seconds > 0 else None,
-               peak_w=max([r["watts"] for r in out["readings"]], default=None))
+               peak_w=peak if out["readings"] else None)
     if as_json:
         click.echo(json.dumps(out, indent=2))
     elif out["readings"]:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -118,7 +118,6 @@ class Profile:
         return self.modes[mode].budget_w
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
         return asdict(self)
 
 

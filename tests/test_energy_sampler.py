@@ -10,6 +10,7 @@ from mjsd.runtime.energy import EnergyMonitor, Meter, Reading, Sampler, SensorEr
 from mjsd.runtime.energy.estimate import EstimateMeter
 from mjsd.runtime.energy.jetson import JetsonMeter
 from mjsd.runtime.energy.rapl import RaplMeter
+from mjsd.runtime.errors import ConfigError
 from tests import fake_sysfs
 
 
@@ -27,6 +28,13 @@ class Scripted(Meter):
         except StopIteration:
             raise SensorError(f"{self.name} is gone") from None
         return Reading(t=t, watts=v) if self.kind == "power" else Reading(t=t, energy_j=v)
+
+
+def test_bad_sampling_rate_and_no_meter():
+    with pytest.raises(ConfigError, match="10-100 Hz"):
+        Sampler(EstimateMeter(1.0, 2.0), hz=1000)
+    with pytest.raises(SensorError, match="no meter"):
+        Sampler([])
 
 
 def test_trapezoid_integration_and_peak():
@@ -113,6 +121,7 @@ def test_counter_meters_need_no_thread_and_report_idle_subtracted(tmp_path):
         assert mon.sampler._thread is None
         mon.phase("prefill")
         fs.write("class/powercap/intel-rapl:0/energy_uj", 1_000_000 + 3_000_000)
+        assert mon.energy()[1] == pytest.approx(3.0)  # per-round energy for the controller
         mon.phase("decode")
         fs.write("class/powercap/intel-rapl:0/energy_uj", 1_000_000 + 9_000_000)
         report = mon.report(tokens=6, prompt_tokens=4)

@@ -2,7 +2,7 @@
 
 Usage (the generation driver wraps prefill and decode)::
 
-    from mjsd.runtime.energy import EnergyMonitor, open_meters
+    from mjsd.runtime.energy import EnergyMonitor, measure_idle, open_meters
     meters = open_meters(profile=profile)           # once per process; best sensor first, the estimate last
     idle_w = measure_idle(meters, seconds=1.0)      # optional: enables the idle-subtracted figures
     with EnergyMonitor(meters, idle_w=idle_w) as mon:
@@ -11,6 +11,9 @@ Usage (the generation driver wraps prefill and decode)::
         report = mon.report(tokens=n_generated, prompt_tokens=n_prompt)
     report.to_dict()   # {"energy_j", "j_per_token", "tokens_per_j", "avg_w", "peak_w", "source", "estimated",
                        #  "idle_subtracted_j_per_token", "phases": {"prefill": {...}, "decode": {...}}, ...}
+
+Per-round energy for the power-budget controller: `t0, j0 = mon.energy()` before a round, `t1, j1 = mon.energy()`
+after it, then `controller.observe(w, gamma, tokens, t1 - t0, joules=j1 - j0)`.
 
 `phase(name)` ends the previous phase; a name used twice accumulates. Prefill per-token figures are per prompt token,
 decode and overall ones per generated token. With a power meter a background thread samples at `hz`; with a counter
@@ -122,6 +125,10 @@ class EnergyMonitor:
     def __exit__(self, *exc) -> None:
         self._close()
         self.sampler.stop()
+
+    def energy(self) -> tuple[float, float]:
+        """(monotonic time, joules since the monitor started counting), sampled now."""
+        return self.sampler.peek()
 
     def phase(self, name: str) -> None:
         """End the current phase (if any) and start `name`."""

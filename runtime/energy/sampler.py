@@ -12,6 +12,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
+from ..errors import ConfigError
 from .base import Meter, Reading, SensorError
 
 log = logging.getLogger("mjsd.energy")
@@ -37,8 +38,8 @@ class Sampler:
         self.meters = [meters] if isinstance(meters, Meter) else list(meters)
         if not self.meters:
             raise SensorError("no meter to sample")
-        if not 1 <= hz <= 1000:
-            raise SensorError(f"sampling rate {hz} Hz is out of range; use 10-100 Hz")
+        if not 10 <= hz <= 100:
+            raise ConfigError(f"sampling rate {hz} Hz is out of range; use 10-100 Hz")
         self.period = 1.0 / hz
         self.warnings: list[str] = []
         self.sources: list[str] = []  # every meter that contributed, in order
@@ -88,6 +89,12 @@ class Sampler:
             mark = Mark(self._t or 0.0, self.energy_j, self._peak)
             self._peak = 0.0
             return mark
+
+    def peek(self) -> tuple[float, float]:
+        """Sample now and return (t, energy so far) without touching the peak: for per-round energy."""
+        with self._lock:
+            self._sample()
+            return self._t or 0.0, self.energy_j
 
     def _ensure_thread(self) -> None:
         if self._thread is None and not self._stop.is_set() and not self.failed and self.meter.needs_thread:
