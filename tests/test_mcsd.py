@@ -1,11 +1,15 @@
 """MCSD (batch strategy) on real exported graphs: greedy identity with AR, KV state, statistics, refusals."""
+import dataclasses
+
 import numpy as np
 import pytest
 
+from mjsd.runtime import candidates
 from mjsd.runtime.bundle import load_bundle
 from mjsd.runtime.config import GenerationConfig
 from mjsd.runtime.decoding import ALGORITHMS, generate_ids, prefill
 from mjsd.runtime.errors import ConfigError
+from mjsd.runtime.sampling import probs
 from mjsd.runtime.session import ModelSession
 from mjsd.runtime.stats import GenerationStats
 from tests.test_ar_sps import NoisyDraft
@@ -83,6 +87,44 @@ def test_other_layouts_keep_the_right_rows(llama):
     for k_config in [(1,), (3,), (2, 3), (1, 1, 2)]:
         run_rounds(target, noisy, [5, 6], 6, algo="mcsd", k_config=k_config, temperature=1.0, seed=0,
                    mcsd_replacement=False)
+
+
+def _first_two_tokens(ctx0, n):
+    """Counts of the 1st and of the 2nd generated token over n generations from the same prefilled context."""
+    counts = np.zeros((2, ctx0.vocab_size))
+    for _ in range(n):
+        ctx = dataclasses.replace(ctx0, target_cache=ctx0.target_cache.copy(), draft_cache=ctx0.draft_cache.copy(),
+                                  ids=list(ctx0.ids))
+        rounds, out = ALGORITHMS["mcsd"](ctx), []
+        while len(out) < 2:
+            out += next(rounds)
+        counts[0, out[0]] += 1
+        counts[1, out[1]] += 1
+    return counts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("replacement", [True, False])
+def test_sampled_mcsd_follows_the_target_distribution_on_real_graphs(tiny_vocab_bundle, monkeypatch, replacement):
+    """The real tiny-vocab target and its (very different, TV 0.48) draft: the 1st token must follow p(.|x), the
+    2nd the marginal sum_a p(a|x) p(.|x,a). Chi-square with 11 degrees of freedom each: P(> 40) < 1e-4; the
+    plain-target fallback instead of the residual scores in the hundreds."""
+    b = load_bundle(tiny_vocab_bundle)
+    target, draft = ModelSession(b.target, threads=1), ModelSession(b.draft, threads=1)
+    vocab, prompt = b.vocab_size, [1, 5, 6]
+    p1 = probs(target.forward([prompt], target.new_cache())[0, -1, :vocab])
+    p2 = probs(target.forward([prompt + [a] for a in range(vocab)], target.new_cache(vocab))[:, -1, :vocab])
+    expected = np.stack([p1, p1 @ p2])
+    cfg = GenerationConfig(algo="mcsd", temperature=1.0, k_config=(2, 2), mcsd_replacement=replacement, seed=1)
+    n = 2500
+
+    def chi2():
+        counts = _first_two_tokens(prefill(target, prompt, cfg, GenerationStats(), draft=draft), n)
+        return ((counts - n * expected) ** 2 / (n * expected)).sum(axis=1)
+
+    assert (chi2() < 40).all()
+    monkeypatch.setattr(candidates, "residual", lambda p, q: p)
+    assert (chi2() > 40).all()
 
 
 def test_sampling_is_reproducible_with_a_seed(llama):
