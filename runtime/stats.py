@@ -29,6 +29,7 @@ class GenerationStats:
     ttft_s: float = 0.0  # time to the first generated token
     wall_time_s: float = 0.0
     energy: dict | None = None  # filled by the energy accounting when a meter is active
+    controller: list[dict] | None = None  # the power controller's decisions, when a budget steered the run
 
     def record_round(self, drafted: int, accepted: int) -> None:
         """Count one round that drafted `drafted` tokens and accepted the first `accepted` of them."""
@@ -71,11 +72,13 @@ class GenerationStats:
         return self.generated_tokens / self.decode_time_s if self.decode_time_s else 0.0
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k not in ("drafted_at", "accepted_at", "energy")}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("drafted_at", "accepted_at", "energy", "controller")}
         d.update(acceptance_rate=self.acceptance_rate, mean_accepted_length=self.mean_accepted_length,
                  per_position_acceptance=self.per_position_acceptance,
                  orchestration_time_s=self.orchestration_time_s, tokens_per_s=self.tokens_per_s,
                  decode_tokens_per_s=self.decode_tokens_per_s)
         if self.energy is not None:
             d["energy"] = dict(self.energy)
+        if self.controller is not None:
+            d["controller"] = list(self.controller)
         return d

@@ -34,11 +34,15 @@ def check_context(prompt_len: int, cfg: GenerationConfig, max_context: int) -> N
 
 def stream_ids(target: ModelSession, prompt_ids: Sequence[int], cfg: GenerationConfig, stats: GenerationStats, *,
                draft: ModelSession | None = None, vocab_size: int | None = None, eos_id: int | None = None,
-               decode: Callable[[list[int]], str] | None = None) -> Iterator[list[int]]:
+               decode: Callable[[list[int]], str] | None = None, phase: Callable[[str], None] | None = None,
+               tune: Callable[[DecodeContext, list[int] | None], None] | None = None) -> Iterator[list[int]]:
     """Generate with `cfg.algo`, yielding the new token ids of each round.
 
     vocab_size: the shared vocabulary (bundle.vocab_size; default the target's logit width). eos_id: stop after
     this token (kept in the output) unless cfg.ignore_eos. decode: ids -> text, required for cfg.stop.
+    phase: called with "prefill" and "decode" as they begin (energy accounting). tune: called before the first
+    round (with None) and after each round (with its tokens); it may replace ctx.cfg's gamma / beam_width, which
+    the algorithms read at the start of every round (the power controller).
     """
     from . import ALGORITHMS
 
@@ -58,8 +62,14 @@ def stream_ids(target: ModelSession, prompt_ids: Sequence[int], cfg: GenerationC
     stats.algo, stats.prompt_tokens = cfg.algo, len(prompt)
     clock0 = {id(m): (m.time_s, m.calls) for m in models}
     t_start = time.perf_counter()
+    if phase:
+        phase("prefill")
     ctx = prefill(target, prompt, cfg, stats, draft=draft, vocab_size=vocab_size)
     stats.prefill_time_s = time.perf_counter() - t_start
+    if phase:
+        phase("decode")
+    if tune:
+        tune(ctx, None)
     rounds = ALGORITHMS[cfg.algo](ctx)
     out: list[int] = []
     try:
@@ -70,6 +80,8 @@ def stream_ids(target: ModelSession, prompt_ids: Sequence[int], cfg: GenerationC
                 stats.ttft_s = time.perf_counter() - t_start
             out += new
             stats.generated_tokens = len(out)
+            if tune:
+                tune(ctx, new)
             yield new
     finally:
         rounds.close()

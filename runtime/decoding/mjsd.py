@@ -46,8 +46,8 @@ def draft_beams(ctx: DecodeContext, sampling: bool) -> tuple[np.ndarray, np.ndar
 
 
 def joint_rounds(ctx: DecodeContext, sampling: bool) -> Iterator[list[int]]:
-    gamma = ctx.cfg.gamma
     while True:
+        gamma = ctx.cfg.gamma  # read every round: the power controller may change it between rounds
         base = len(ctx.ids)  # accepted text incl. the pending token
         draft, logq = draft_beams(ctx, sampling)
         logits = ctx.target.forward(ctx.unfed(ctx.target_cache) + draft.tolist(), ctx.target_cache)[0, -(gamma + 1):]

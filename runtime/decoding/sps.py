@@ -32,8 +32,8 @@ def sps_verify(p: np.ndarray, q: np.ndarray, draft_tokens: Sequence[int],
 
 
 def sps(ctx: DecodeContext) -> Iterator[list[int]]:
-    gamma = ctx.cfg.gamma
     while True:
+        gamma = ctx.cfg.gamma  # read every round: the power controller may change it between rounds
         base = len(ctx.ids)  # accepted text incl. the pending token
         drafts, q = [], []
         feed = ctx.unfed(ctx.draft_cache)
