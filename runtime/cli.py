@@ -244,3 +244,118 @@ def power_cmd(profile_name, meter, duration, hz, as_json):
                    f"{out['avg_w']:.2f} W, peak {out['peak_w']:.2f} W{label}")
     for w in sampler.warnings:
         click.echo(f"warning: {w}", err=True)
+
+
+# --- generate: stream a completion (runtime/engine.py) ----------------------------------------------------------------
+
+def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    """The prompt from the argument, a file, or stdin ("-" or no argument with piped input)."""
+    if prompt is not None and prompt_file is not None:
+        raise MjsdError("give the prompt either as an argument or with --file, not both")
+    if prompt_file is not None:
+        try:
+            return prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise MjsdError(f"cannot read the prompt file {prompt_file}: {e}") from None
+    if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
+        return sys.stdin.read()
+    if prompt is None:
+        raise MjsdError('no prompt: pass one as an argument (mjsd generate "def f(x):"), with --file, or on stdin')
+    return prompt
+
+
+def _k_config(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return tuple(int(k) for k in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 2,2,1") from None
+
+
+def format_stats(stats: dict) -> str:
+    """A llama.cpp-style block of the run's statistics."""
+    s = stats
+    lines = [f"algo {s['algo']}: {s['prompt_tokens']} prompt tokens, {s['generated_tokens']} generated "
+             f"({s['finish_reason']})",
+             f"prefill  {s['prefill_time_s'] * 1e3:8.1f} ms",
+             f"decode   {s['decode_time_s'] * 1e3:8.1f} ms  {s['decode_tokens_per_s']:7.1f} tokens/s  "
+             f"(overall {s['tokens_per_s']:.1f} tokens/s, first token after {s['ttft_s'] * 1e3:.1f} ms)",
+             f"calls    target {s['target_calls']}, draft {s['draft_calls']}; time in target "
+             f"{s['target_time_s']:.3f} s, draft {s['draft_time_s']:.3f} s, orchestration "
+             f"{s['orchestration_time_s']:.3f} s"]
+    if s["draft_tokens"]:
+        per_pos = " ".join(f"{a:.2f}" for a in s["per_position_acceptance"])
+        lines.append(f"draft    {s['draft_tokens']} draft tokens, {s['accepted_tokens']} accepted "
+                     f"({100 * s['acceptance_rate']:.1f}%), mean accepted length {s['mean_accepted_length']:.2f} "
+                     f"over {s['rounds']} rounds; per position {per_pos}")
+    e = s.get("energy")
+    if e:
+        label = " ESTIMATED (no sensor)" if e.get("estimated") else ""
+        jpt = e.get("j_per_token")
+        lines.append(f"energy   {e['energy_j']:.3f} J, {jpt if jpt is None else round(jpt, 4)} J/token, avg "
+                     f"{e['avg_w']:.2f} W, peak {e['peak_w']:.2f} W, source {e['source']}{label}")
+    if s.get("controller"):
+        last = s["controller"][-1]
+        lines.append(f"budget   {len(s['controller'])} controller decisions; last: {json.dumps(last)}")
+    return "\n".join(lines)
+
+
+@main.command("generate")
+@click.argument("prompt", required=False)
+@click.option("-f", "--file", "prompt_file", type=click.Path(path_type=Path), help="Read the prompt from a file.")
+@click.option("--bundle", type=click.Path(path_type=Path), help="Model bundle (default: the built-in one).")
+@click.option("--algo", type=click.Choice(["ar", "sps", "mjsd", "mtad", "mcsd", "mjgd"]), default="mtad",
+              show_default=True, help="Decoding algorithm.")
+@click.option("-n", "--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", "--temp", type=float, default=0.0, show_default=True, help="0 = greedy/deterministic.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = off.")
+@click.option("--seed", type=int, help="Seed for sampling (reproducible runs).")
+@click.option("--gamma", "--draft-max", "gamma", type=int, default=4, show_default=True,
+              help="Draft tokens per round (sps, mjsd, mtad).")
+@click.option("--beam-width", type=int, default=4, show_default=True, help="Draft beams (mjsd, mtad).")
+@click.option("--tau", type=float, default=0.5, show_default=True, help="Joint acceptance threshold in (0, 1].")
+@click.option("--k-config", callback=_k_config, help="MCSD candidates per depth, e.g. 2,2,1.")
+@click.option("--mcsd-replacement/--mcsd-no-replacement", default=False, show_default=True,
+              help="MCSD: sample candidates with or without replacement.")
+@click.option("--stop", multiple=True, help="Stop after this string (repeatable).")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-text token.")
+@click.option("--provider", help="Execution provider preference, comma-separated: tensorrt,cuda,cpu "
+              "(default: the profile's, else cpu).")
+@click.option("--threads", type=int, help="Intra-op threads per session (default: ONNX Runtime's).")
+@click.option("--profile", help="Device profile (name or .toml path).")
+@click.option("--meter", type=click.Choice(["auto", "jetson", "nvml", "rapl", "estimate", "none"]), default="auto",
+              show_default=True, help="Energy meter ('none': no energy accounting).")
+@click.option("--power-budget", type=float, help="Watts: adapt beam width and gamma to stay under it.")
+@click.option("--objective", type=click.Choice(["throughput", "energy"]), help="What the controller optimises.")
+@click.option("--stats", "show_stats", is_flag=True, help="Print a statistics block (stderr) after the text.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, token ids, stats.")
+@reports_errors
+def generate_cmd(prompt, prompt_file, bundle, algo, max_new_tokens, temperature, top_k, top_p, seed, gamma,
+                 beam_width, tau, k_config, mcsd_replacement, stop, ignore_eos, provider, threads, profile, meter,
+                 power_budget, objective, show_stats, as_json):
+    """Complete PROMPT (an argument, --file, or stdin), streaming the text as it is produced."""
+    from .engine import Engine
+
+    text = _read_prompt(prompt, prompt_file)
+    params = dict(algo=algo, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                  seed=seed, gamma=gamma, beam_width=beam_width, tau=tau, stop=stop, ignore_eos=ignore_eos,
+                  mcsd_replacement=mcsd_replacement)
+    if k_config is not None:
+        params["k_config"] = k_config
+    engine = Engine.from_bundle(bundle, provider=provider.split(",") if provider else None, threads=threads, profile=profile,
+                                meter=None if meter == "none" else meter, power_budget=power_budget,
+                                objective=objective)
+    stream = engine.stream(text, **params)
+    if as_json:
+        for _ in stream:
+            pass
+        click.echo(json.dumps({"prompt": text, "text": stream.text, "tokens": stream.tokens,
+                               "stats": stream.stats.to_dict()}))
+        return
+    for piece in stream:
+        click.echo(piece, nl=False)
+    click.echo()
+    if show_stats:
+        click.echo(format_stats(stream.stats.to_dict()), err=True)
