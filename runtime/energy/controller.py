@@ -21,8 +21,8 @@ How it decides (after onnxruntime-genai's adaptive-K rule, made safe for noisy r
 - otherwise, every `interval` rounds, probe one neighbour (gamma +-1, the next width, or a trade of one for the
   other), untried ones first, gamma in the direction the acceptance rate suggests (shrink below 50%, grow at >= 75%);
   neighbours known to exceed the budget are skipped, untried costlier ones are tried only with headroom;
-- a probe runs at least `dwell_rounds` rounds and ends early when clearly better or clearly worse (two standard
-  errors) than all rounds so far at the prior configuration; else after 4 dwells it is kept only at >= 97% of the
+- a probe runs at least `dwell_rounds` rounds and ends early when clearly better or clearly worse (three standard
+  errors after one dwell, two later) than all rounds so far at the prior configuration; else after 4 dwells it is kept only at >= 97% of the
   prior's score. A rejected probe doubles the probe interval (backoff), so the controller never oscillates round by round.
 """
 from __future__ import annotations
@@ -278,7 +278,8 @@ class PowerController:
 
     def _judge_probe(self) -> None:
         probe, prior = self._visit.score, self._scores.get(self._prior) or Welford()
-        margin = 2 * math.hypot(probe.se(), prior.se())
+        # A stricter bar after one dwell: a single chunk's spread is itself poorly known.
+        margin = (3 if self._here < 2 * self.dwell else 2) * math.hypot(probe.se(), prior.se())
         if self._feasible(self.current) is False or probe.mean < prior.mean - margin:
             self._reject_probe()
         elif probe.mean > prior.mean + margin:
