@@ -112,7 +112,8 @@ def joint_prefixes(vocab: int, k: int) -> np.ndarray:
         raise ConfigError(f"mjgd would score {vocab}^{k} = {vocab ** k} sequences (vocabulary {vocab}, gamma {k}); "
                           f"it is an oracle for tiny vocabularies: keep vocab^gamma <= {MAX_JOINT_SEQUENCES} "
                           "(lower gamma, or use mjsd)")
-    return np.array(list(itertools.product(range(vocab), repeat=k - 1)), dtype=np.int64).reshape(vocab ** (k - 1), k - 1)
+    rows = list(itertools.product(range(vocab), repeat=k - 1))
+    return np.array(rows, dtype=np.int64).reshape(len(rows), k - 1)
 
 
 def best_joint(logprobs: np.ndarray, prefixes: np.ndarray) -> tuple[int, np.ndarray, float]:
