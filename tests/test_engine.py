@@ -1,0 +1,97 @@
+"""The Python API (Engine) and `mjsd generate` on a real exported bundle."""
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from click.testing import CliRunner
+
+from mjsd.runtime import ConfigError, ContextLengthError, Engine, GenerationConfig
+from mjsd.runtime.cli import main
+
+
+@pytest.fixture(scope="module")
+def engine(llama_bundle):
+    return Engine.from_bundle(llama_bundle, meter="estimate")
+
+
+def test_generate_matches_ar_greedy_and_reports_stats(engine):
+    ar = engine.generate("def main():", algo="ar", max_new_tokens=24, ignore_eos=True)
+    sps = engine.generate("def main():", algo="sps", max_new_tokens=24, ignore_eos=True, gamma=3)
+    assert sps.tokens == ar.tokens and sps.text == ar.text and len(ar.tokens) == 24
+    s = sps.stats.to_dict()
+    assert s["algo"] == "sps" and s["generated_tokens"] == 24 and s["draft_tokens"] == 3 * s["rounds"]
+    assert s["energy"]["estimated"] is True and s["energy"]["j_per_token"] > 0
+
+
+def test_stream_yields_the_same_text_as_generate(engine):
+    cfg = GenerationConfig(algo="mtad", max_new_tokens=20, temperature=1.0, top_k=10, seed=3, ignore_eos=True)
+    stream = engine.stream("import os", cfg)
+    pieces = list(stream)
+    assert "".join(pieces) == stream.text == engine.generate("import os", cfg).text
+    assert stream.stats.generated_tokens == 20
+
+
+def test_sessions_load_once_and_threads_are_serialised(engine):
+    target = engine.target
+    results = [None] * 3
+
+    def run(i):
+        results[i] = engine.generate("x = 1", algo="ar", max_new_tokens=8, ignore_eos=True).tokens
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert engine.target is target and results[0] == results[1] == results[2]
+
+
+def test_bad_input_is_refused(engine):
+    with pytest.raises(ConfigError, match="empty"):
+        engine.generate("")
+    with pytest.raises(ConfigError, match="unknown generation parameter"):
+        engine.generate("x", beams=3)
+    with pytest.raises(ConfigError, match="gamma"):
+        engine.generate("x", gamma=0)
+    with pytest.raises(ContextLengthError, match="context"):
+        engine.generate("x " * 200, max_new_tokens=100)
+
+
+def test_power_budget_steers_the_run(llama_bundle):
+    eng = Engine.from_bundle(llama_bundle, meter="estimate", power_budget=5.0)
+    r = eng.generate("def f(x):", algo="mtad", max_new_tokens=30, ignore_eos=True)
+    assert r.stats.controller and r.stats.controller[0]["reason"] == "start"
+
+
+def test_cli_generate_streams_text_and_stats(llama_bundle):
+    res = CliRunner().invoke(main, ["generate", "def main():", "--bundle", str(llama_bundle), "-n", "12",
+                                    "--algo", "sps", "--ignore-eos", "--stats"])
+    assert res.exit_code == 0, res.output
+    assert "draft tokens" in res.output and "tokens/s" in res.output and "ESTIMATED" in res.output
+
+
+def test_cli_generate_json_and_stdin(llama_bundle):
+    res = CliRunner().invoke(main, ["generate", "--bundle", str(llama_bundle), "-n", "6", "--ignore-eos",
+                                    "--json", "--algo", "ar"], input="import sys\n")
+    out = json.loads(res.output)
+    assert out["prompt"] == "import sys\n" and len(out["tokens"]) == 6 and out["stats"]["algo"] == "ar"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--algo", "nope", "x"], "nope"),
+    (["generate", "x", "--tau", "2"], "tau"),
+    (["generate", "--file", "/nonexistent/prompt.txt"], "cannot read the prompt file"),
+    (["generate", "x", "--bundle", "/nonexistent/bundle"], "does not exist"),
+])
+def test_cli_generate_refuses_bad_input(llama_bundle, args, message):
+    if "--bundle" not in args:
+        args = args + ["--bundle", str(llama_bundle)]
+    res = CliRunner().invoke(main, args, input="")
+    assert res.exit_code != 0 and message in res.output
+
+
+def test_cli_empty_stdin_prompt_is_refused(llama_bundle):
+    res = CliRunner().invoke(main, ["generate", "-", "--bundle", str(llama_bundle)], input="")
+    assert res.exit_code == 1 and "empty" in res.output
