@@ -359,3 +359,57 @@ def generate_cmd(prompt, prompt_file, bundle, algo, max_new_tokens, temperature,
     click.echo()
     if show_stats:
         click.echo(format_stats(stream.stats.to_dict()), err=True)
+
+
+# --- bench: algorithms side by side on a prompt set (runtime/bench.py) ------------------------------------------------
+
+@main.command("bench")
+@click.option("--bundle", type=click.Path(path_type=Path), help="Model bundle (default: the built-in one).")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path),
+              help="JSONL ({\"prompt\": ...} per line) or text (one prompt per line); default: the built-in set of "
+                   "held-out stdlib function headers.")
+@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N prompts.")
+@click.option("--algos", default="ar,sps,mtad", show_default=True, help="Comma-separated algorithms.")
+@click.option("--temperatures", default="0,1", show_default=True, help="Comma-separated temperatures.")
+@click.option("--top-k", type=int, default=10, show_default=True, help="top-k at temperature > 0.")
+@click.option("--top-p", type=float, default=0.9, show_default=True, help="top-p at temperature > 0.")
+@click.option("-n", "--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--gamma", type=int, default=4, show_default=True)
+@click.option("--beam-width", type=int, default=4, show_default=True)
+@click.option("--tau", type=float, default=0.5, show_default=True)
+@click.option("--threads", type=int, help="Intra-op threads per session.")
+@click.option("--meter", type=click.Choice(["auto", "jetson", "nvml", "rapl", "estimate", "none"]), default="auto",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON.")
+@reports_errors
+def bench_cmd(bundle, prompts_file, limit, algos, temperatures, top_k, top_p, max_new_tokens, gamma, beam_width,
+              tau, threads, meter, as_json):
+    """Compare algorithms on a prompt set in one interleaved run: tokens/s, speed-up vs AR, acceptance,
+    output perplexity under the target, J/token."""
+    from tqdm import tqdm
+
+    from .bench import format_table, load_prompts, run_bench
+    from .config import GenerationConfig
+    from .engine import Engine
+
+    try:
+        temps = [float(t) for t in temperatures.split(",")]
+    except ValueError:
+        raise MjsdError(f"--temperatures {temperatures!r} must be comma-separated numbers, e.g. 0,1") from None
+    algo_list = [a.strip() for a in algos.split(",") if a.strip()]
+    configs = [(f"{a} T={t:g}", GenerationConfig(algo=a, temperature=t, top_k=top_k if t else 0,
+                                                  top_p=top_p if t else 1.0, max_new_tokens=max_new_tokens,
+                                                  gamma=gamma, beam_width=beam_width, tau=tau, seed=0))
+               for t in temps for a in algo_list]
+    prompts = load_prompts(prompts_file, limit)
+    engine = Engine.from_bundle(bundle, threads=threads, meter=None if meter == "none" else meter)
+    with tqdm(total=len(prompts) * len(configs), desc="bench", unit="gen", file=sys.stderr,
+              disable=as_json) as bar:
+        summaries = run_bench(engine, prompts, configs, on_step=bar.update)
+    if as_json:
+        click.echo(json.dumps({"prompts": len(prompts), "max_new_tokens": max_new_tokens,
+                               "bundle": str(engine.bundle.root), "results": summaries}, indent=2))
+        return
+    click.echo(f"{len(prompts)} prompts x {max_new_tokens} new tokens (EOS ignored), interleaved, "
+               f"bundle {engine.bundle.root}")
+    click.echo(format_table(summaries))

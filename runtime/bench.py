@@ -1,0 +1,164 @@
+"""Side-by-side benchmarks: algorithms over a prompt set, interleaved, with speed-up vs AR, acceptance, output
+perplexity under the target and energy.
+
+Method: every prompt runs every configuration in turn (interleaved, so drift in machine load hits all alike), after
+one warm-up generation per configuration; EOS is ignored so all configurations generate the same number of tokens.
+tokens/s = generated tokens / wall time (prefill + decode) summed over prompts; speed-up = that / AR's at the same
+sampling settings, in the same run. Output perplexity = exp(-mean log p(token | prefix)) under the target at T=1,
+unfiltered, over the generated tokens only (algorithms.md), from one fresh target forward per output.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .config import GenerationConfig
+from .errors import ConfigError
+from .sampling import log_softmax, shared_vocab
+
+
+def builtin_prompts_path() -> Path:
+    """Function headers + docstrings from stdlib files the built-in bundle never trained on (tools/make_prompts.py)."""
+    return Path(str(resources.files("mjsd.runtime") / "data" / "prompts.jsonl"))
+
+
+def load_prompts(path: str | Path | None = None, limit: int | None = None) -> list[str]:
+    """Prompts from a JSONL file (objects with a "prompt" field, or strings) or a text file (one per line)."""
+    p = Path(path) if path is not None else builtin_prompts_path()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the prompt file {p}: {e}") from None
+    prompts = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if p.suffix == ".jsonl":
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{p}:{n}: not valid JSON ({e}); a JSONL prompt file has one object per line") \
+                    from None
+            item = item.get("prompt") if isinstance(item, dict) else item
+            if not isinstance(item, str) or not item:
+                raise ConfigError(f'{p}:{n}: expected a non-empty string or an object with a "prompt" string')
+            prompts.append(item)
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise ConfigError(f"{p} holds no prompts")
+    return prompts[:limit] if limit else prompts
+
+
+def target_logprobs(engine, ids: list[int], n_new: int) -> np.ndarray:
+    """log p(token | prefix) of the last n_new of `ids` under the target, T=1, unfiltered (one fresh forward)."""
+    cache = engine.target.new_cache()
+    logits = engine.target.forward(np.asarray([ids[:-1]], np.int64), cache)[0, -n_new:]
+    lp = log_softmax(shared_vocab(logits, engine.bundle.vocab_size))
+    return lp[np.arange(n_new), ids[-n_new:]]
+
+
+@dataclass
+class Row:
+    """Totals of one configuration over the prompt set."""
+
+    name: str
+    config: GenerationConfig
+    tokens: int = 0
+    seconds: float = 0.0
+    rounds: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    target_calls: int = 0
+    drafted_at: list[int] = field(default_factory=list)
+    accepted_at: list[int] = field(default_factory=list)
+    logprob_sum: float = 0.0
+    energy_j: float = 0.0
+    energy_source: str | None = None
+    estimated: bool = False
+    texts: list[str] = field(default_factory=list)
+
+    def add(self, stats, logprobs: np.ndarray, text: str) -> None:
+        self.tokens += stats.generated_tokens
+        self.seconds += stats.wall_time_s
+        self.rounds += stats.rounds
+        self.draft_tokens += stats.draft_tokens
+        self.accepted_tokens += stats.accepted_tokens
+        self.target_calls += stats.target_calls
+        for totals, counts in ((self.drafted_at, stats.drafted_at), (self.accepted_at, stats.accepted_at)):
+            totals.extend([0] * (len(counts) - len(totals)))
+            for j, c in enumerate(counts):
+                totals[j] += c
+        self.logprob_sum += float(logprobs.sum())
+        if stats.energy:
+            self.energy_j += stats.energy["energy_j"]
+            self.energy_source, self.estimated = stats.energy["source"], stats.energy["estimated"]
+        self.texts.append(text)
+
+    def summary(self, baseline: Row | None) -> dict:
+        tps = self.tokens / self.seconds if self.seconds else 0.0
+        base_tps = baseline.tokens / baseline.seconds if baseline and baseline.seconds else None
+        out = {"name": self.name, **{k: v for k, v in self.config.to_dict().items() if k != "stop"},
+               "tokens": self.tokens, "seconds": round(self.seconds, 4), "tokens_per_s": round(tps, 2),
+               "speedup_vs_ar": round(tps / base_tps, 3) if base_tps else None,
+               "acceptance_rate": self.accepted_tokens / self.draft_tokens if self.draft_tokens else None,
+               "mean_accepted_length": 1 + self.accepted_tokens / self.rounds if self.rounds else None,
+               "tokens_per_target_call": self.tokens / self.target_calls if self.target_calls else None,
+               "per_position_acceptance": [a / d for a, d in zip(self.accepted_at, self.drafted_at)],
+               "perplexity": math.exp(-self.logprob_sum / self.tokens) if self.tokens else None}
+        if self.energy_source:
+            out.update(energy_j=round(self.energy_j, 4), j_per_token=self.energy_j / self.tokens,
+                       energy_source=self.energy_source, energy_estimated=self.estimated)
+        return out
+
+
+def run_bench(engine, prompts: list[str], configs: Iterable[tuple[str, GenerationConfig]],
+              on_step: Callable[[], None] | None = None) -> list[dict]:
+    """Run every configuration on every prompt, interleaved; return one summary per configuration.
+
+    The baseline of a configuration is the "ar" configuration with the same temperature/top_k/top_p, if present.
+    """
+    rows = [Row(name, replace(cfg, ignore_eos=True)) for name, cfg in configs]
+    if not rows:
+        raise ConfigError("nothing to benchmark: give at least one configuration")
+    for row in rows:  # warm-up: first-call allocations and caches, not measured
+        engine.generate(prompts[0], row.config, max_new_tokens=min(8, row.config.max_new_tokens))
+    for i, prompt in enumerate(prompts):
+        ids = engine.encode(prompt)
+        for row in rows:
+            cfg = replace(row.config, seed=i if row.config.seed is None else row.config.seed + i)
+            r = engine.generate(ids, cfg)
+            row.add(r.stats, target_logprobs(engine, ids + r.tokens, len(r.tokens)), r.text)
+            if on_step:
+                on_step()
+
+    def sampling(c: GenerationConfig):
+        return c.temperature, c.top_k, c.top_p
+
+    base = {sampling(r.config): r for r in rows if r.config.algo == "ar"}
+    return [r.summary(base.get(sampling(r.config))) for r in rows]
+
+
+def format_table(summaries: list[dict]) -> str:
+    """A Markdown table of the summaries."""
+    head = ("| config | T | tokens/s | vs AR | accept rate | mean accepted length | tokens/target call | "
+            "output ppl | J/token |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+
+    def f(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    for s in summaries:
+        jpt = s.get("j_per_token")
+        energy = "-" if jpt is None else f"{jpt:.4f}{' (est.)' if s['energy_estimated'] else ''}"
+        lines.append(f"| {s['name']} | {s['temperature']:g} | {s['tokens_per_s']:.1f} | "
+                     f"{f(s['speedup_vs_ar'], '.2f')}x | {f(s['acceptance_rate'], '.2f')} | "
+                     f"{f(s['mean_accepted_length'], '.2f')} | {f(s['tokens_per_target_call'], '.2f')} | "
+                     f"{f(s['perplexity'], '.2f')} | {energy} |")
+    return "\n".join(lines)
