@@ -34,6 +34,9 @@ class ModelSession:
         opts.log_severity_level = 3  # ORT's own warnings (e.g. unused initializers) are noise for users
         if threads:
             opts.intra_op_num_threads = threads
+        # target and draft alternate: idle worker threads spinning for one session would steal the cores the other
+        # session (and the NumPy orchestration) needs
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         provs = [(name, provider_options(name, spec, max_context=spec.max_context, max_batch=max_batch, fp16=fp16,
                                          engine_cache_path=engine_cache_path, device_id=device_id))
                  for name in chosen]

@@ -9,6 +9,7 @@ from mjsd.runtime import sampling
 from mjsd.runtime.bundle import load_bundle
 from mjsd.runtime.config import GenerationConfig
 from mjsd.runtime.decoding import ALGORITHMS, generate_ids, prefill, sps, sps_verify, stream_ids
+from mjsd.runtime.decoding.sps import LazyRows, greedy_verify
 from mjsd.runtime.errors import ConfigError, ContextLengthError
 from mjsd.runtime.session import ModelSession
 from mjsd.runtime.stats import GenerationStats
@@ -148,12 +149,18 @@ def test_sps_verify_reproduces_target_joint_with_zero_mass_tokens(monkeypatch):
     assert _tv(_sps_joint(p, q, n, np.random.default_rng(0)), truth) > bound
 
 
-def test_sps_verify_greedy_is_greedy_verification():
+def test_one_hot_sps_verify_is_greedy_verification():
     p = np.eye(5)[[2, 4, 1]]
-    q = np.eye(5)[[2, 3]]
     rng = np.random.default_rng(0)
-    assert sps_verify(p, q, [2, 3], rng) == (1, 4)  # first draft = argmax p, second rejected -> argmax p
-    assert sps_verify(p, np.eye(5)[[2, 4]], [2, 4], rng) == (2, 1)  # all accepted -> bonus = argmax p_3
+    for drafts, expected in (([2, 3], (1, 4)), ([2, 4], (2, 1)), ([0, 4], (0, 2))):
+        assert sps_verify(p, np.eye(5)[drafts], drafts, rng) == expected
+        assert greedy_verify(p.argmax(-1), drafts) == expected
+
+
+def test_lazy_rows_compute_only_what_verification_reads():
+    seen = []
+    rows = LazyRows(lambda r: seen.append(r[0]) or r / r.sum(), np.arange(1.0, 13.0).reshape(4, 3))
+    assert np.allclose(rows[1], [4 / 15, 5 / 15, 6 / 15]) and rows[1] is rows[1] and seen == [4.0]
 
 
 def _first_tokens(target, draft, prompt, cfg, n):

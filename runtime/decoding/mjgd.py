@@ -26,7 +26,7 @@ def mjgd(ctx: DecodeContext) -> Iterator[list[int]]:
 
 
 def _rounds(ctx: DecodeContext, prefixes: np.ndarray) -> Iterator[list[int]]:
-    k, rows = ctx.cfg.gamma, len(prefixes)
+    k, rows = prefixes.shape[1] + 1, len(prefixes)  # fixed for the whole generation, like the prefix table
     while True:
         feed = np.column_stack([np.tile(ctx.unfed(ctx.target_cache), (rows, 1)), prefixes])
         ctx.target_cache.repeat(rows)
