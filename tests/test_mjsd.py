@@ -1,4 +1,5 @@
 """MJGD, MJSD and MTAD on real exported graphs: the oracle by brute force, acceptance, KV state, repeatability."""
+import dataclasses
 import itertools
 
 import numpy as np
@@ -6,12 +7,13 @@ import pytest
 
 from mjsd.runtime.bundle import load_bundle
 from mjsd.runtime.config import GenerationConfig
-from mjsd.runtime.decoding import generate_ids
+from mjsd.runtime.decoding import generate_ids, mtad, prefill
 from mjsd.runtime.errors import ConfigError
 from mjsd.runtime.sampling import log_softmax
 from mjsd.runtime.session import ModelSession
+from mjsd.runtime.stats import GenerationStats
 from tests.test_ar_sps import NoisyDraft
-from tests.test_mcsd import PROMPTS, run_rounds
+from tests.test_mcsd import PROMPTS, assert_caches_hold_the_text, run_rounds
 
 TINY_PROMPTS = [[1], [1, 5], [1, 6, 7, 8], [2, 4], [1, 10], [1, 8], [1, 4, 9, 8, 9], [3, 10, 11, 4, 5]]
 
@@ -139,6 +141,20 @@ def test_kv_state_after_every_round_equals_a_fresh_forward(llama, algo, cfg):
     noisy = NoisyDraft(ModelSession(b.target, threads=1), scale=0.3, seed=1)
     accepted = run_rounds(target, noisy, [1, 17, 42, 99], 12, algo=algo, gamma=3, **cfg)
     assert min(accepted) < 3 and 3 in accepted  # partial rounds and full ones (the draft then lags a token)
+
+
+def test_gamma_and_width_may_change_between_rounds(llama):
+    """The power controller replaces ctx.cfg's gamma / beam_width between rounds."""
+    b, target, _ = llama
+    cfg = GenerationConfig(algo="mtad", gamma=2, beam_width=1, temperature=1.0, seed=4)
+    ctx = prefill(target, [1, 17, 42], cfg, GenerationStats(), draft=NoisyDraft(ModelSession(b.target), 0.3))
+    rounds = mtad(ctx)
+    for gamma, width in [(2, 1), (5, 4), (1, 2), (3, 3), (4, 1), (2, 4)] * 2:
+        ctx.cfg = dataclasses.replace(ctx.cfg, gamma=gamma, beam_width=width)
+        drafted = ctx.stats.draft_tokens
+        next(rounds)
+        assert ctx.stats.draft_tokens - drafted == gamma
+        assert_caches_hold_the_text(ctx)
 
 
 def test_beam_wider_than_the_vocabulary(tiny):
