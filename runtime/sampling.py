@@ -31,55 +31,89 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
         return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
 
 
-def _top_k(x: np.ndarray, k: int) -> np.ndarray:
-    if k <= 0 or k >= x.shape[-1]:
-        return x
-    kth = np.partition(x, -k, axis=-1)[..., -k, None]
-    return np.where(x >= kth, x, -np.inf)  # ties with the k-th value are kept, as in HF's TopKLogitsWarper
+def _top_k_indices(x: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest entries of a 1-D row (exact; which of several tied boundary values is arbitrary)."""
+    if len(x) >= 32 * k:
+        # a full partition of a 32k+ vocabulary dominates a sampling step; guess a threshold from a strided 1/16
+        # sample (its j-th largest has ~16j values above it) and keep the guess only if >= k values pass it
+        sub = x[::16]
+        j = min(len(sub), 2 * (k // 16) + 5)
+        cand = np.nonzero(x >= np.partition(sub, -j)[-j])[0]
+        if len(cand) >= k:
+            return cand[np.argpartition(x[cand], -k)[-k:]]
+    return np.argpartition(x, -k)[-k:]
 
 
-def _top_p(x: np.ndarray, p: float) -> np.ndarray:
-    """Keep the smallest set of most likely tokens whose probability mass reaches p (nucleus sampling)."""
-    if p >= 1.0:
-        return x
-    flat = x.reshape(-1, x.shape[-1])
-    return np.stack([_top_p_row(row, p) for row in flat]).reshape(x.shape)
-
-
-def _top_p_row(x: np.ndarray, p: float) -> np.ndarray:
-    probs_ = softmax(x)
-    # sort only a head of the vocabulary that holds mass >= p (a full argsort of 32k+ entries costs milliseconds)
-    m = 64
-    while m < len(x):
-        head = np.argpartition(-probs_, m)[:m]
-        if probs_[head].sum() >= p:
-            break
-        m *= 4
+def _nucleus(x: np.ndarray, idx: np.ndarray | None, p: float) -> np.ndarray:
+    """Of the candidates idx (None: all) of row x, the smallest most likely set whose probability reaches p."""
+    if idx is None:
+        # sort only a head of the vocabulary that holds mass >= p (a full argsort of 32k+ entries costs milliseconds)
+        probs_ = softmax(x)
+        m = 64
+        while m < len(x):
+            head = np.argpartition(-probs_, m)[:m]
+            if probs_[head].sum() >= p:
+                break
+            m *= 4
+        else:
+            head = np.arange(len(x))
     else:
-        head = np.arange(len(x))
+        probs_ = np.zeros_like(x)
+        probs_[idx] = softmax(x[idx])
+        head = idx
     head = head[np.argsort(-probs_[head], kind="stable")]
     # a token is kept when the mass strictly before it is below p; the most likely token is always kept
-    keep = head[np.cumsum(probs_[head]) - probs_[head] < p]
-    out = np.full_like(x, -np.inf)
-    out[keep] = x[keep]
-    return out
+    return head[np.cumsum(probs_[head]) - probs_[head] < p]
+
+
+def _kept(x: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """Indices a 1-D row keeps after top-k, then top-p over what top-k left (the order HF applies them)."""
+    idx = _top_k_indices(x, top_k) if 0 < top_k < len(x) else None
+    return _nucleus(x, idx, top_p) if top_p < 1.0 else idx
+
+
+def _scaled(logits: np.ndarray, temperature: float) -> np.ndarray:
+    x = np.asarray(logits, dtype=np.float32)
+    return x / np.float32(temperature) if temperature != 1.0 else x
+
+
+def _filters(x: np.ndarray, top_k: int, top_p: float) -> bool:
+    return 0 < top_k < x.shape[-1] or top_p < 1.0
 
 
 def filter_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
     """Scaled, filtered logits (removed tokens are -inf), as float32. T = 0 leaves only the argmax finite."""
-    x = np.asarray(logits, dtype=np.float32)
     if temperature == 0.0:
-        out = np.full(x.shape, -np.inf, dtype=np.float32)
-        np.put_along_axis(out, np.argmax(x, axis=-1)[..., None], 0.0, axis=-1)
-        return out
-    if temperature != 1.0:
-        x = x / np.float32(temperature)
-    return _top_p(_top_k(x, top_k), top_p)
+        with np.errstate(divide="ignore"):
+            return np.log(probs(logits, 0.0))
+    x = _scaled(logits, temperature)
+    if not _filters(x, top_k, top_p):
+        return x
+    out = np.full(x.shape, -np.inf, dtype=np.float32)
+    for row, o in zip(x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1])):
+        idx = _kept(row, top_k, top_p)
+        o[idx] = row[idx]
+    return out
 
 
 def probs(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
-    """The filtered distribution softmax(top_p(top_k(logits / T))); one-hot argmax at T = 0."""
-    return softmax(filter_logits(logits, temperature, top_k, top_p))
+    """The filtered distribution softmax(top_p(top_k(logits / T))); one-hot argmax at T = 0.
+
+    Filtered rows are computed over their support only (exp and normalisation of k values, not of the vocabulary).
+    """
+    if temperature == 0.0:
+        x = np.asarray(logits)
+        out = np.zeros(x.shape, dtype=np.float32)
+        np.put_along_axis(out, np.argmax(x, axis=-1)[..., None], 1.0, axis=-1)
+        return out
+    x = _scaled(logits, temperature)
+    if not _filters(x, top_k, top_p):
+        return softmax(x)
+    out = np.zeros(x.shape, dtype=np.float32)
+    for row, o in zip(x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1])):
+        idx = _kept(row, top_k, top_p)
+        o[idx] = softmax(row[idx])
+    return out
 
 
 def sample(p: np.ndarray, rng: np.random.Generator) -> np.ndarray | int:
@@ -93,7 +127,7 @@ def sample(p: np.ndarray, rng: np.random.Generator) -> np.ndarray | int:
 
 
 def _draw(p: np.ndarray, u: float) -> int:
-    support = np.flatnonzero(p)  # filtered distributions are sparse: accumulate only their support
+    support = np.nonzero(p > 0)[0]  # filtered distributions are sparse: accumulate only their support
     cdf = np.cumsum(p[support], dtype=np.float64)
     # u * total can round up to total: clamp to the last token with mass
     return int(support[min(np.searchsorted(cdf, u * cdf[-1], side="right"), len(cdf) - 1)])

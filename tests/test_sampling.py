@@ -34,6 +34,17 @@ def test_top_k_keeps_k_largest():
     assert np.isfinite(filter_logits(x, top_k=0)).all() and np.isfinite(filter_logits(x, top_k=9)).all()
 
 
+def test_top_k_on_a_large_vocabulary_is_exact():
+    rng = np.random.default_rng(2)
+    few = np.zeros(40000)
+    few[0:320:16] = 1.0  # 20 large values all on the strided sample: the threshold guess passes < k, full fallback
+    for x in (rng.normal(size=40000), np.sort(rng.normal(size=40000)), np.r_[np.zeros(39000), np.ones(1000)], few):
+        x = x.astype(np.float32)
+        for k in (1, 50, 700):
+            kept = np.isfinite(filter_logits(x, top_k=k))
+            assert kept.sum() == k and x[kept].min() >= np.sort(x)[-k]
+
+
 def test_top_p_keeps_smallest_nucleus():
     p = np.array([0.5, 0.05, 0.3, 0.15])
     x = np.log(p)
@@ -94,3 +105,9 @@ def test_top_p_on_a_large_vocabulary_matches_a_full_sort():
             ref = np.zeros_like(x, dtype=bool)
             np.put_along_axis(ref, order, np.cumsum(sp, axis=-1) - sp < top_p, axis=-1)
             assert (np.isfinite(filter_logits(x, top_p=top_p)) == ref).all(), (scale, top_p)
+
+
+def test_probs_is_softmax_of_filter_logits():
+    x = np.random.default_rng(4).normal(scale=3, size=(3, 2000)).astype(np.float32)
+    for t, k, p in ((1.0, 0, 1.0), (0.7, 40, 1.0), (1.3, 0, 0.8), (0.9, 100, 0.5), (0.0, 5, 0.5)):
+        assert np.allclose(probs(x, t, k, p), softmax(filter_logits(x, t, k, p)), atol=1e-7)
