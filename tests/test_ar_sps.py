@@ -95,7 +95,8 @@ def test_caches_equal_fresh_prefill_after_every_round(llama, temperature, noise)
         cfg = GenerationConfig(algo="sps", gamma=3, temperature=temperature, seed=5)
         ctx = prefill(target, PROMPTS[0], cfg, GenerationStats(), draft=d, vocab_size=b.vocab_size)
         rounds = sps(ctx)
-        for _ in range(8):
+        for i in range(8):
+            ctx.cfg = dataclasses.replace(cfg, gamma=[3, 1, 4, 2][i % 4])  # a controller may retune every round
             next(rounds)
             assert ctx.target_cache.length == len(ctx.ids) - 1  # the pending token is in neither cache
             assert len(ctx.ids) - 2 <= ctx.draft_cache.length <= len(ctx.ids) - 1

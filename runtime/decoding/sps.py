@@ -54,8 +54,8 @@ class LazyRows:
 
 
 def sps(ctx: DecodeContext) -> Iterator[list[int]]:
-    gamma, is_greedy = ctx.cfg.gamma, ctx.cfg.temperature == 0
     while True:
+        gamma, is_greedy = ctx.cfg.gamma, ctx.cfg.temperature == 0  # per round: a controller may retune gamma
         base = len(ctx.ids)  # accepted text incl. the pending token
         drafts, q = [], []
         feed = ctx.unfed(ctx.draft_cache)
