@@ -6,11 +6,18 @@ one warm-up generation per configuration; EOS is ignored so all configurations g
 tokens/s = generated tokens / wall time (prefill + decode) summed over prompts; speed-up = that / AR's at the same
 sampling settings, in the same run. Output perplexity = exp(-mean log p(token | prefix)) under the target at T=1,
 unfiltered, over the generated tokens only (algorithms.md), from one fresh target forward per output.
+
+Parse rate (a task metric for code): the share of completions of a function header that parse as Python, by the rule
+of `completion_parses`: the function is the prompt from its last `def` line on plus the completion up to the first
+EOS; the body ends at the first non-blank line indented no deeper than the `def`; a completion that never got there
+(cut by max_new_tokens) loses its last line, which may be incomplete. The rest must pass `ast.parse`.
 """
 from __future__ import annotations
 
+import ast
 import json
 import math
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -64,6 +71,46 @@ def target_logprobs(engine, ids: list[int], n_new: int) -> np.ndarray:
     return lp[np.arange(n_new), ids[-n_new:]]
 
 
+_DEF = re.compile(r"^([ \t]*)(async[ \t]+)?def[ \t]")
+
+
+def completion_parses(prompt: str, completion: str, ended: bool = False) -> bool | None:
+    """Whether a completion of the function header at the end of `prompt` parses as Python (rule: module doc).
+
+    ended: the generation stopped at EOS (end of document), so its last line is complete. None when the prompt has
+    no `def` line (nothing to judge).
+    """
+    lines = prompt.splitlines(keepends=True)
+    start = next((i for i in range(len(lines) - 1, -1, -1) if _DEF.match(lines[i])), None)
+    if start is None:
+        return None
+    indent = _indent(lines[start])
+    head = "".join(lines[start:])
+    body = completion.splitlines(keepends=True)
+    if head and not head.endswith("\n") and body:  # the completion continues the prompt's last line
+        head, body = head + body[0], body[1:]
+    kept = []
+    for line in body:
+        if line.strip() and _indent(line) <= indent:
+            ended = True  # dedent: the function is over
+            break
+        kept.append(line)
+    if not ended and kept:
+        kept.pop()  # cut by the token limit: the last line may be incomplete
+    source = "".join(head.splitlines(keepends=True) + kept)
+    source = "\n".join(line[indent:] if line[:indent].strip() == "" else line for line in source.split("\n"))
+    try:
+        ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    return True
+
+
+def _indent(line: str) -> int:
+    line = line.expandtabs()
+    return len(line) - len(line.lstrip())
+
+
 @dataclass
 class Row:
     """Totals of one configuration over the prompt set."""
@@ -80,11 +127,14 @@ class Row:
     accepted_at: list[int] = field(default_factory=list)
     logprob_sum: float = 0.0
     energy_j: float = 0.0
+    energy_s: float = 0.0  # seconds the energy accounting covered
     energy_source: str | None = None
     estimated: bool = False
     texts: list[str] = field(default_factory=list)
+    parsed: int = 0  # completions that parse as Python (completion_parses)
+    judged: int = 0  # completions of prompts that end in a function header
 
-    def add(self, stats, logprobs: np.ndarray, text: str) -> None:
+    def add(self, stats, logprobs: np.ndarray, text: str, parses: bool | None = None) -> None:
         self.tokens += stats.generated_tokens
         self.seconds += stats.wall_time_s
         self.rounds += stats.rounds
@@ -98,8 +148,12 @@ class Row:
         self.logprob_sum += float(logprobs.sum())
         if stats.energy:
             self.energy_j += stats.energy["energy_j"]
+            self.energy_s += stats.energy["seconds"]
             self.energy_source, self.estimated = stats.energy["source"], stats.energy["estimated"]
         self.texts.append(text)
+        if parses is not None:
+            self.judged += 1
+            self.parsed += parses
 
     def summary(self, baseline: Row | None) -> dict:
         tps = self.tokens / self.seconds if self.seconds else 0.0
@@ -111,30 +165,46 @@ class Row:
                "mean_accepted_length": 1 + self.accepted_tokens / self.rounds if self.rounds else None,
                "tokens_per_target_call": self.tokens / self.target_calls if self.target_calls else None,
                "per_position_acceptance": [a / d for a, d in zip(self.accepted_at, self.drafted_at)],
-               "perplexity": math.exp(-self.logprob_sum / self.tokens) if self.tokens else None}
+               "perplexity": math.exp(-self.logprob_sum / self.tokens) if self.tokens else None,
+               "parse_rate": self.parsed / self.judged if self.judged else None, "parse_judged": self.judged}
         if self.energy_source:
             out.update(energy_j=round(self.energy_j, 4), j_per_token=self.energy_j / self.tokens,
+                       avg_w=self.energy_j / self.energy_s if self.energy_s else None,
                        energy_source=self.energy_source, energy_estimated=self.estimated)
         return out
 
 
 def run_bench(engine, prompts: list[str], configs: Iterable[tuple[str, GenerationConfig]],
-              on_step: Callable[[], None] | None = None) -> list[dict]:
-    """Run every configuration on every prompt, interleaved; return one summary per configuration.
+              on_step: Callable[[], None] | None = None, repeats: int = 1, warmup: int = 1,
+              engines: dict | None = None) -> list[dict]:
+    """Run every configuration on every prompt, interleaved, `repeats` times over the set (sampling seeds differ per
+    pass); return one summary per configuration.
 
     The baseline of a configuration is the "ar" configuration with the same temperature/top_k/top_p, if present.
+    warmup: unmeasured generations per configuration first. engines: name -> Engine for configurations that need
+    their own (a power budget); the others use `engine`.
     """
     rows = [Row(name, replace(cfg, ignore_eos=True)) for name, cfg in configs]
     if not rows:
         raise ConfigError("nothing to benchmark: give at least one configuration")
+    if repeats < 1 or warmup < 0:
+        raise ConfigError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
+    engines = engines or {}
     for row in rows:  # warm-up: first-call allocations and caches, not measured
-        engine.generate(prompts[0], row.config, max_new_tokens=min(8, row.config.max_new_tokens))
-    for i, prompt in enumerate(prompts):
+        for _ in range(warmup):
+            engines.get(row.name, engine).generate(prompts[0], row.config,
+                                                   max_new_tokens=min(8, row.config.max_new_tokens))
+    eos = engine.bundle.eos_token_id
+    for i, prompt in enumerate(prompts * repeats):
         ids = engine.encode(prompt)
         for row in rows:
             cfg = replace(row.config, seed=i if row.config.seed is None else row.config.seed + i)
-            r = engine.generate(ids, cfg)
-            row.add(r.stats, target_logprobs(engine, ids + r.tokens, len(r.tokens)), r.text)
+            r = engines.get(row.name, engine).generate(ids, cfg)
+            # EOS is ignored for timing; the task metric judges the text up to the first EOS
+            end = r.tokens.index(eos) if eos in r.tokens else None
+            text = r.text if end is None else engine.decode(r.tokens[:end])
+            row.add(r.stats, target_logprobs(engine, ids + r.tokens, len(r.tokens)), r.text,
+                    completion_parses(prompt, text, ended=end is not None))
             if on_step:
                 on_step()
 
@@ -148,7 +218,7 @@ def run_bench(engine, prompts: list[str], configs: Iterable[tuple[str, Generatio
 def format_table(summaries: list[dict]) -> str:
     """A Markdown table of the summaries."""
     head = ("| config | T | tokens/s | vs AR | accept rate | mean accepted length | tokens/target call | "
-            "output ppl | J/token |")
+            "output ppl | parses | J/token |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
 
     def f(v, spec):
@@ -160,5 +230,5 @@ def format_table(summaries: list[dict]) -> str:
         lines.append(f"| {s['name']} | {s['temperature']:g} | {s['tokens_per_s']:.1f} | "
                      f"{f(s['speedup_vs_ar'], '.2f')}x | {f(s['acceptance_rate'], '.2f')} | "
                      f"{f(s['mean_accepted_length'], '.2f')} | {f(s['tokens_per_target_call'], '.2f')} | "
-                     f"{f(s['perplexity'], '.2f')} | {energy} |")
+                     f"{f(s['perplexity'], '.2f')} | {f(s.get('parse_rate'), '.0%')} | {energy} |")
     return "\n".join(lines)

@@ -413,3 +413,93 @@ def bench_cmd(bundle, prompts_file, limit, algos, temperatures, top_k, top_p, ma
     click.echo(f"{len(prompts)} prompts x {max_new_tokens} new tokens (EOS ignored), interleaved, "
                f"bundle {engine.bundle.root}")
     click.echo(format_table(summaries))
+
+
+# --- profile / report: parameter sweeps into a run directory (runtime/sweep.py, runtime/report.py) --------------------
+
+def _list(kind):
+    def parse(ctx, param, value):
+        try:
+            return tuple(kind(v) for v in value.split(",") if v.strip()) if value else ()
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of {kind.__name__} values") from None
+    return parse
+
+
+@main.command("profile")
+@click.option("--out", type=click.Path(path_type=Path), help="Run directory to create (default: runs/profile-<UTC>).")
+@click.option("--resume", "resume_dir", type=click.Path(path_type=Path),
+              help="Continue an interrupted run in this directory; the sweep options are taken from its plan.")
+@click.option("--force", is_flag=True, help="Replace an existing run directory at --out.")
+@click.option("--bundle", type=click.Path(path_type=Path), help="Model bundle (default: the built-in one).")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path),
+              help="JSONL ({\"prompt\": ...} per line) or text (one prompt per line); default: the built-in set.")
+@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N prompts.")
+@click.option("--algos", default="ar,sps,mtad", show_default=True, callback=_list(str))
+@click.option("--beam-widths", default="4", show_default=True, callback=_list(int), help="For mjsd, mtad, mjgd.")
+@click.option("--gammas", default="4", show_default=True, callback=_list(int))
+@click.option("--taus", default="0.5", show_default=True, callback=_list(float), help="For mjsd, mtad.")
+@click.option("--temperatures", default="0,1", show_default=True, callback=_list(float))
+@click.option("--budgets", default="", callback=_list(float),
+              help="Power budgets in watts for sps/mjsd/mtad (extra cells steered by the controller).")
+@click.option("--top-k", type=int, default=10, show_default=True, help="top-k at temperature > 0.")
+@click.option("--top-p", type=float, default=0.9, show_default=True, help="top-p at temperature > 0.")
+@click.option("-n", "--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Passes over the prompt set per configuration.")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Unmeasured generations per configuration before timing.")
+@click.option("--threads", type=int, help="Intra-op threads per session.")
+@click.option("--profile", "device_profile", help="Device profile (name or .toml path): meters, budgets.")
+@click.option("--meter", type=click.Choice(["auto", "jetson", "nvml", "rapl", "estimate", "none"]), default="auto",
+              show_default=True)
+@reports_errors
+def profile_cmd(out, resume_dir, force, bundle, prompts_file, limit, algos, beam_widths, gammas, taus, temperatures,
+                budgets, top_k, top_p, max_new_tokens, repeats, warmup, threads, device_profile, meter):
+    """Sweep algorithms x beam width x gamma x tau x temperature (x power budget) over a prompt set; write a run
+    directory with results.csv, results.json, summary.md and plots. Interrupted runs continue with --resume."""
+    import time
+
+    from tqdm import tqdm
+
+    from .bench import load_prompts
+    from .sweep import create_run, plan_cells, run_sweep
+
+    if resume_dir is not None:
+        if out is not None:
+            raise MjsdError("give either --out (a new run) or --resume (an existing one), not both")
+        run = resume_dir
+    else:
+        if budgets and meter == "none":
+            raise MjsdError("power budgets need energy readings: do not pass --meter none")
+        cells = plan_cells(algos, temperatures, gammas, beam_widths, taus, budgets, top_k=top_k, top_p=top_p,
+                           max_new_tokens=max_new_tokens)
+        prompts = load_prompts(prompts_file, limit)
+        out = out or Path("runs") / time.strftime("profile-%Y%m%d-%H%M%S", time.gmtime())
+        run = create_run(out, cells, prompts, bundle=bundle, threads=threads,
+                         meter=None if meter == "none" else meter, profile=device_profile, repeats=repeats,
+                         warmup=warmup, force=force)
+        click.echo(f"{len(cells)} configurations x {len(prompts)} prompts x {repeats} repeat(s) -> {run}", err=True)
+    bar = tqdm(desc="profile", unit="gen", file=sys.stderr)
+    try:
+        final = run_sweep(run, on_start=lambda n: bar.reset(total=n), on_step=bar.update)
+    except KeyboardInterrupt:
+        bar.close()
+        click.echo(f"interrupted: finished cells are kept; continue with: mjsd profile --resume {run}", err=True)
+        sys.exit(130)
+    bar.close()
+    click.echo((final / "summary.md").read_text(encoding="utf-8"))
+    click.echo(f"wrote {final}", err=True)
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@reports_errors
+def report_cmd(run_dir):
+    """Re-render a profile run's plots, results.csv/json and Markdown summary (also for an unfinished run)."""
+    from .sweep import find_run, write_results
+
+    run = find_run(run_dir)
+    write_results(run)
+    click.echo((run / "summary.md").read_text(encoding="utf-8"))
+    click.echo(f"rendered {run}", err=True)
