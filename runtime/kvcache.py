@@ -77,11 +77,16 @@ class KVCache:
         self._apply(lambda t: t[rows])
         self.batch = len(rows)
 
-    def copy(self) -> KVCache:
-        other = object.__new__(KVCache)
-        other.__dict__.update(self.__dict__)
-        other.keys, other.values = list(self.keys), list(self.values)  # tensors are never mutated in place
-        return other
+    def keep(self, positions: Sequence[int] | np.ndarray) -> None:
+        """Keep these sequence positions in this order (after tree verification: the context and the accepted
+        path's nodes), so the cache equals a plain forward over the accepted text."""
+        pos = np.asarray(positions, dtype=np.int64)
+        if pos.ndim != 1 or (pos.size and (pos.min() < 0 or pos.max() >= self.length)):
+            raise ValueError(f"keep positions {pos.tolist()} must be a list within 0..{self.length - 1}")
+        if np.array_equal(pos, np.arange(pos.size)):
+            return self.crop(pos.size)  # a prefix: slicing, no copy
+        self._apply(lambda t: t[:, :, pos])
+        self.length = pos.size
 
     def arrays(self) -> list[np.ndarray]:
         """k0, v0, k1, v1, ... as host NumPy arrays (tests, debugging)."""

@@ -50,13 +50,6 @@ def test_repeat_and_gather():
         d.gather([3])
 
 
-def test_copy_is_independent():
-    c = filled()
-    d = c.copy()
-    d.crop(1)
-    assert c.length == 5 and c.arrays()[0].shape[2] == 5
-
-
 def test_overflow_refused_up_front():
     c = filled(length=10, max_context=16)
     c.check_fits(6)
