@@ -4,8 +4,13 @@
 [B, S, V]. Time inside ORT's run is accumulated in `time_s` (and `calls`), so statistics can split model time from
 orchestration.
 
+A tree-attention graph (bundle flag `tree_attention`) takes an additive bias [B, 1, S, past+S] instead of the rank-2
+mask; `forward` feeds it a causal bias, and `forward_tree(tokens, parents, cache)` verifies a whole token tree in one
+call (tree.py describes trees).
+
 CPU: plain NumPy feeds (IO binding gave no gain on CPU, platform-notes). CUDA/TensorRT: IO binding, the presents
 stay on the device as OrtValues and are rebound as the next past; only logits come back to the host.
+`io_binding=True` on CPU runs that same branch with host OrtValues (how the tests cover it without a GPU).
 """
 from __future__ import annotations
 
@@ -16,8 +21,9 @@ import numpy as np
 import onnxruntime as ort
 
 from .bundle import ModelSpec, check_session_io
-from .errors import BundleError
-from .kvcache import KVCache
+from . import tree
+from .errors import BundleError, ConfigError
+from .kvcache import DTYPES, KVCache
 from .providers import ORT_NAMES, provider_options, select_providers
 
 log = logging.getLogger(__name__)
@@ -25,7 +31,8 @@ log = logging.getLogger(__name__)
 
 class ModelSession:
     def __init__(self, spec: ModelSpec, providers=("cpu",), threads: int | None = None, *, max_batch: int = 1,
-                 fp16: bool = False, engine_cache_path: str | None = None, device_id: int = 0):
+                 fp16: bool = False, engine_cache_path: str | None = None, device_id: int = 0,
+                 io_binding: bool | None = None):
         chosen, reasons = select_providers(list(providers), ort.get_available_providers())
         for reason in reasons:
             log.warning("%s model: %s", spec.role, reason)
@@ -50,7 +57,8 @@ class ModelSession:
         self.spec = spec
         self.providers = self._sess.get_providers()
         on_gpu = self.providers[0] in (ORT_NAMES["cuda"], ORT_NAMES["tensorrt"])
-        self.device = ("cuda", device_id) if on_gpu else None
+        bound = on_gpu if io_binding is None else io_binding
+        self.device = (("cuda", device_id) if on_gpu else ("cpu", 0)) if bound else None  # where the KV lives
         self._past = [n for pair in spec.past_names() for n in pair]
         self._present = [n for pair in spec.present_names() for n in pair]
         self._outputs = ["logits", *self._present]
@@ -71,9 +79,34 @@ class ModelSession:
             raise ValueError(f"{b} token rows for a cache of {cache.batch} rows")
         cache.check_fits(s)
         past = cache.length
+        positions = np.repeat(np.arange(past, past + s, dtype=np.int64)[None], b, axis=0)
+        if self.spec.tree_attention:
+            bias = np.repeat(tree.attention_bias(tree.chain(s), past, DTYPES[self.spec.dtype]), b, axis=0)
+            return self._run({"input_ids": ids, "position_ids": positions, tree.BIAS: bias}, cache)
         feeds = {"input_ids": ids, "attention_mask": np.ones((b, past + s), dtype=np.int64)}
         if self._has_positions:
-            feeds["position_ids"] = np.repeat(np.arange(past, past + s, dtype=np.int64)[None], b, axis=0)
+            feeds["position_ids"] = positions
+        return self._run(feeds, cache)
+
+    def forward_tree(self, tokens, parents, cache: KVCache) -> np.ndarray:
+        """Run a token tree (tokens [S], parents [S] as in tree.py) after a batch-1 cache's past in one call; the
+        cache grows by S (keep the accepted path with `cache.keep`). Returns logits [S, V]: row i predicts node i's
+        children, exactly as a plain forward over node i's path would."""
+        if not self.spec.tree_attention:
+            raise ConfigError(f"{self.spec.role} model {self.spec.path}: this graph has no tree attention; "
+                              "re-export the bundle with `mjsd export --tree-attention`")
+        ids = np.asarray(tokens, dtype=np.int64).reshape(1, -1)
+        parents = tree.check_parents(parents)
+        if parents.size != ids.shape[1] or cache.batch != 1:
+            raise ValueError(f"a tree of {ids.shape[1]} tokens, {parents.size} parents and a cache of {cache.batch} "
+                             "rows: forward_tree needs one parent per token and a batch-1 cache")
+        cache.check_fits(ids.shape[1])
+        past = cache.length
+        feeds = {"input_ids": ids, "position_ids": tree.positions(parents, past)[None],
+                 tree.BIAS: tree.attention_bias(parents, past, DTYPES[self.spec.dtype])}
+        return self._run(feeds, cache)[0]
+
+    def _run(self, feeds: dict, cache: KVCache) -> np.ndarray:
         if self.device is None:
             feeds.update(zip(self._past, (t for pair in zip(cache.keys, cache.values) for t in pair)))
             t0 = time.perf_counter()

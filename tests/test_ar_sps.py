@@ -299,3 +299,12 @@ def test_stats_record_round():
         s.record_round(2, 3)
     s.energy = {"joules": 1.0}
     assert s.to_dict()["energy"] == {"joules": 1.0}
+
+
+def test_sps_on_the_io_binding_branch_equals_ar(llama):
+    b, target, _ = llama
+    t, d = (ModelSession(s, threads=1, io_binding=True) for s in (b.target, b.draft))
+    ref, _ = run(target, PROMPTS[0], algo="ar", max_new_tokens=30)
+    noisy = NoisyDraft(ModelSession(b.target, threads=1, io_binding=True), scale=0.2)
+    for draft in (d, noisy):
+        assert run(t, PROMPTS[0], draft, algo="sps", max_new_tokens=30, gamma=3)[0] == ref

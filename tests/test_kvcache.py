@@ -140,3 +140,28 @@ def test_graph_io_mismatch_is_a_bundle_error(llama_bundle, tmp_path):
     (root / "bundle.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="do not match the manifest"):
         ModelSession(load_bundle(root, verify=False).target)
+
+
+def test_io_binding_branch_matches_plain_feeds(llama_bundle):
+    """The GPU branch (KV kept as OrtValues, presents rebound as the next past), run with host OrtValues."""
+    from onnxruntime import OrtValue
+
+    spec = load_bundle(llama_bundle).target
+    plain, bound = ModelSession(spec, threads=1), ModelSession(spec, threads=1, io_binding=True)
+    assert plain.device is None and bound.device == ("cpu", 0)
+    ids = [1, 17, 42, 99, 7, 250, 3, 8]
+    c = bound.new_cache()
+    assert isinstance(c.keys[0], OrtValue)
+    first = bound.forward(ids[:6], c)
+    c.crop(4)
+    c.repeat(2)
+    nxt = bound.forward([[11, 12], [13, 14]], c)
+    c.gather([1])
+    last = bound.forward([15], c)
+    assert isinstance(c.keys[0], OrtValue) and c.length == 7 and bound.calls == 3 and bound.time_s > 0
+    assert np.allclose(first, plain.forward(ids[:6], plain.new_cache()), atol=1e-5)
+    for row, toks in enumerate(([11, 12], [13, 14])):
+        assert np.allclose(nxt[row], plain.forward(ids[:4] + toks, plain.new_cache())[0, 4:], atol=1e-4)
+    ref = plain.new_cache()
+    assert np.allclose(last[0, -1], plain.forward(ids[:4] + [13, 14, 15], ref)[0, -1], atol=1e-4)
+    assert all(np.allclose(x, y, atol=1e-5) for x, y in zip(c.arrays(), ref.arrays()))
