@@ -62,6 +62,15 @@ class KVCache:
         self._apply(lambda t: t[:, :, :length])
         self.length = length
 
+    def keep(self, positions: Sequence[int] | np.ndarray) -> None:
+        """Keep only these cache positions, in this order (after tree verification: the context plus the accepted
+        root-to-node path; the rejected branches' entries are dropped)."""
+        pos = np.asarray(positions, dtype=np.int64)
+        if pos.ndim != 1 or (pos.size and (pos.min() < 0 or pos.max() >= self.length)):
+            raise ValueError(f"keep positions must be a list within 0..{self.length - 1}")
+        self._apply(lambda t: t[:, :, pos])
+        self.length = len(pos)
+
     def repeat(self, n: int) -> None:
         """Fan a batch-1 cache out to n identical rows (beams or candidate paths sharing the prefix)."""
         if self.batch != 1:

@@ -11,6 +11,9 @@ call (tree.py describes trees).
 CPU: plain NumPy feeds (IO binding gave no gain on CPU, platform-notes). CUDA/TensorRT: IO binding, the presents
 stay on the device as OrtValues and are rebound as the next past; only logits come back to the host.
 `io_binding=True` on CPU runs that same branch with host OrtValues (how the tests cover it without a GPU).
+
+Tree-attention graphs (manifest `tree_attention`) take a 4-D additive `attention_bias` and explicit positions
+instead of the rank-2 mask; `forward` feeds them a chain, `forward_tree` a token tree (see tree.py).
 """
 from __future__ import annotations
 
@@ -71,42 +74,38 @@ class ModelSession:
 
     def forward(self, tokens, cache: KVCache) -> np.ndarray:
         """Run tokens [B, S] (or [S]) after the cache's past; the cache grows by S. Returns float32 logits [B,S,V]."""
-        ids = np.asarray(tokens, dtype=np.int64)
-        if ids.ndim == 1:
-            ids = ids[None]
+        ids = _rows(tokens)
+        if self.spec.tree_attention:
+            return self._run(ids, cache, tree.chain(ids.shape[1]))
+        return self._run(ids, cache)
+
+    def forward_tree(self, tokens, parents, cache: KVCache) -> np.ndarray:
+        """Run a token tree [S] (parents[i]: node i's parent, -1 for the context) after the past in one call; every
+        node's logits and KV equal a causal forward over its root-to-node path. The cache grows by all S nodes
+        (drop the rejected ones with cache.keep). Returns float32 logits [1, S, V]."""
+        if not self.spec.tree_attention:
+            raise ConfigError(f"the {self.spec.role} graph has no tree attention; re-export the bundle with "
+                              "`mjsd export --tree-attention`")
+        ids = _rows(tokens)
+        p = tree.check_parents(parents)
+        if ids.shape != (1, p.size):
+            raise ValueError(f"a tree of {p.size} parents needs {p.size} tokens in one row, got shape {ids.shape}")
+        return self._run(ids, cache, p)
+
+    def _run(self, ids: np.ndarray, cache: KVCache, parents: np.ndarray | None = None) -> np.ndarray:
         b, s = ids.shape
         if b != cache.batch:
             raise ValueError(f"{b} token rows for a cache of {cache.batch} rows")
         cache.check_fits(s)
         past = cache.length
-        positions = np.repeat(np.arange(past, past + s, dtype=np.int64)[None], b, axis=0)
-        if self.spec.tree_attention:
-            bias = np.repeat(tree.attention_bias(tree.chain(s), past, DTYPES[self.spec.dtype]), b, axis=0)
-            return self._run({"input_ids": ids, "position_ids": positions, tree.BIAS: bias}, cache)
-        feeds = {"input_ids": ids, "attention_mask": np.ones((b, past + s), dtype=np.int64)}
-        if self._has_positions:
-            feeds["position_ids"] = positions
-        return self._run(feeds, cache)
-
-    def forward_tree(self, tokens, parents, cache: KVCache) -> np.ndarray:
-        """Run a token tree (tokens [S], parents [S] as in tree.py) after a batch-1 cache's past in one call; the
-        cache grows by S (keep the accepted path with `cache.keep`). Returns logits [S, V]: row i predicts node i's
-        children, exactly as a plain forward over node i's path would."""
-        if not self.spec.tree_attention:
-            raise ConfigError(f"{self.spec.role} model {self.spec.path}: this graph has no tree attention; "
-                              "re-export the bundle with `mjsd export --tree-attention`")
-        ids = np.asarray(tokens, dtype=np.int64).reshape(1, -1)
-        parents = tree.check_parents(parents)
-        if parents.size != ids.shape[1] or cache.batch != 1:
-            raise ValueError(f"a tree of {ids.shape[1]} tokens, {parents.size} parents and a cache of {cache.batch} "
-                             "rows: forward_tree needs one parent per token and a batch-1 cache")
-        cache.check_fits(ids.shape[1])
-        past = cache.length
-        feeds = {"input_ids": ids, "position_ids": tree.positions(parents, past)[None],
-                 tree.BIAS: tree.attention_bias(parents, past, DTYPES[self.spec.dtype])}
-        return self._run(feeds, cache)[0]
-
-    def _run(self, feeds: dict, cache: KVCache) -> np.ndarray:
+        if parents is None:
+            feeds = {"input_ids": ids, "attention_mask": np.ones((b, past + s), dtype=np.int64)}
+            if self._has_positions:
+                feeds["position_ids"] = np.repeat(np.arange(past, past + s, dtype=np.int64)[None], b, axis=0)
+        else:
+            bias = tree.attention_bias(parents, past, DTYPES[self.spec.dtype])
+            feeds = {"input_ids": ids, "position_ids": np.repeat(tree.positions(parents, past)[None], b, axis=0),
+                     tree.BIAS: np.repeat(bias, b, axis=0)}
         if self.device is None:
             feeds.update(zip(self._past, (t for pair in zip(cache.keys, cache.values) for t in pair)))
             t0 = time.perf_counter()
@@ -134,3 +133,8 @@ class ModelSession:
         self.time_s += time.perf_counter() - t0
         outs = binding.get_outputs()
         return outs[0].numpy(), outs[1:]
+
+
+def _rows(tokens) -> np.ndarray:
+    ids = np.asarray(tokens, dtype=np.int64)
+    return ids[None] if ids.ndim == 1 else ids

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mjsd.runtime.bundle import load_bundle
-from mjsd.runtime.errors import BundleError, ContextLengthError
+from mjsd.runtime.errors import BundleError, ConfigError, ContextLengthError
 from mjsd.runtime.kvcache import KVCache
 from mjsd.runtime.session import ModelSession
 
@@ -33,6 +33,15 @@ def test_crop_keeps_prefix():
     assert c.length == 3
     with pytest.raises(ValueError):
         c.crop(4)
+
+
+def test_keep_selects_positions_in_order():
+    c = filled(length=6)
+    before = c.arrays()
+    c.keep([0, 1, 4, 5])
+    assert c.length == 4 and all((a == b[:, :, [0, 1, 4, 5]]).all() for a, b in zip(c.arrays(), before))
+    with pytest.raises(ValueError, match="within 0..3"):
+        c.keep([4])
 
 
 def test_repeat_and_gather():
@@ -165,3 +174,24 @@ def test_io_binding_branch_matches_plain_feeds(llama_bundle):
     ref = plain.new_cache()
     assert np.allclose(last[0, -1], plain.forward(ids[:4] + [13, 14, 15], ref)[0, -1], atol=1e-4)
     assert all(np.allclose(x, y, atol=1e-5) for x, y in zip(c.arrays(), ref.arrays()))
+
+
+def test_tree_forward_equals_causal_paths_and_keep_compacts(llama_bundle, llama_tree_bundle):
+    plain = ModelSession(load_bundle(llama_bundle).target, threads=1)
+    treed = ModelSession(load_bundle(llama_tree_bundle).target, threads=1)
+    context = [1, 17, 42, 99]
+    c = treed.new_cache()
+    assert np.allclose(treed.forward(context, c), plain.forward(context, plain.new_cache()), atol=1e-4)  # a chain
+    parents = [-1, -1, 0, 0, 1, 2]  # two roots, then children and a grandchild
+    tokens = [5, 6, 7, 8, 9, 10]
+    logits = treed.forward_tree(tokens, parents, c)
+    assert c.length == len(context) + len(tokens) and logits.shape[:2] == (1, 6)
+    for node, path in ((2, [0, 2]), (4, [1, 4]), (5, [0, 2, 5])):
+        ref = plain.forward(context + [tokens[i] for i in path], plain.new_cache())
+        assert np.allclose(logits[0, node], ref[0, -1], atol=1e-4)
+    c.keep(list(range(len(context))) + [len(context) + i for i in (0, 2, 5)])  # accept the path 0 -> 2 -> 5
+    fresh = plain.new_cache()
+    plain.forward(context + [5, 7, 10], fresh)
+    assert all(np.allclose(x, y, atol=1e-5) for x, y in zip(c.arrays(), fresh.arrays()))
+    with pytest.raises(ConfigError, match="no tree attention"):
+        plain.forward_tree([5], [-1], plain.new_cache())
