@@ -49,7 +49,7 @@ def propose_children(rng: np.random.Generator, q: np.ndarray, k: int, replacemen
     replacement. When q has fewer than k nonzero tokens the missing children repeat the last drawn token: the walk
     always rejects such a repeat (a rejected token has no residual mass left), so exactness is kept."""
     if replacement:
-        return np.stack([sample(np.broadcast_to(row, (k, row.size)), rng) for row in q])
+        return np.asarray(sample(np.repeat(q, k, axis=0), rng)).reshape(len(q), k)
     out = np.empty((len(q), k), dtype=np.int64)
     for i, row in enumerate(q):
         drawn = sample_distinct(rng, row, min(k, int(np.count_nonzero(row))))
@@ -59,7 +59,9 @@ def propose_children(rng: np.random.Generator, q: np.ndarray, k: int, replacemen
 
 def top_children(logits: np.ndarray, k: int) -> np.ndarray:
     """The k most likely tokens of each row (sampling without replacement at temperature 0), best first."""
-    return np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    part = np.argpartition(-logits, k - 1, axis=-1)[:, :k] if k < logits.shape[-1] else np.argsort(-logits, axis=-1)
+    order = np.argsort(-np.take_along_axis(logits, part, axis=-1), axis=-1, kind="stable")
+    return np.take_along_axis(part, order, axis=-1)[:, :k]
 
 
 def normalise(p: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ Q = np.array([[0.10, 0.10, 0.80],
               [0.70, 0.20, 0.10]])
 K_CONFIG = (3, 2)
 N_TOKENS = 3  # compare the distribution of the first 3 generated tokens: 27 outcomes
-N_SAMPLES = 12000
+N_SAMPLES = 6000
 CHI2_BOUND = 60.0  # chi-square with <= 26 degrees of freedom: P(> 60) < 2e-4; a wrong walk scores in the hundreds
 
 
