@@ -5,11 +5,13 @@ present = concat(past, new), so the cache grows by the fed tokens on every forwa
 tokens, `repeat` fans a batch-1 prefix out to n rows (beams, candidate paths), `gather` reorders/picks rows.
 
 Tensors are NumPy arrays on the CPU path. On CUDA they are onnxruntime OrtValues left on the device by IO binding;
-crop/repeat/gather then go through host memory (correct, but a copy: see session.py).
+every operation is then a Gather (along positions or rows) run by a tiny ORT graph on that device, so the cache
+never goes through host memory. Building that graph needs the `onnx` package (in the gpu extra).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 
@@ -23,6 +25,7 @@ class KVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_context: int, batch: int = 1,
                  dtype=np.float32, device: tuple[str, int] | None = None):
         self.max_context = max_context
+        self.dtype = np.dtype(dtype)
         self.device = device  # None: NumPy on the host; ("cuda", id): OrtValues on that device
         empty = np.zeros((batch, num_kv_heads, 0, head_dim), dtype=dtype)
         self.keys = [self._place(empty) for _ in range(num_layers)]
@@ -59,7 +62,7 @@ class KVCache:
             raise ValueError(f"cannot crop a cache of length {self.length} to {length}")
         if length == self.length:
             return
-        self._apply(lambda t: t[:, :, :length])
+        self._take(2, slice(0, length))  # a view on the host
         self.length = length
 
     def keep(self, positions: Sequence[int] | np.ndarray) -> None:
@@ -67,15 +70,17 @@ class KVCache:
         root-to-node path; the rejected branches' entries are dropped)."""
         pos = np.asarray(positions, dtype=np.int64)
         if pos.ndim != 1 or (pos.size and (pos.min() < 0 or pos.max() >= self.length)):
-            raise ValueError(f"keep positions must be a list within 0..{self.length - 1}")
-        self._apply(lambda t: t[:, :, pos])
-        self.length = len(pos)
+            raise ValueError(f"keep positions {pos.tolist()} must be a list within 0..{self.length - 1}")
+        if np.array_equal(pos, np.arange(pos.size)):
+            return self.crop(pos.size)  # a prefix: a view on the host, no copy
+        self._take(2, pos)
+        self.length = pos.size
 
     def repeat(self, n: int) -> None:
         """Fan a batch-1 cache out to n identical rows (beams or candidate paths sharing the prefix)."""
         if self.batch != 1:
             raise ValueError(f"repeat needs a batch-1 cache, this one has {self.batch} rows")
-        self._apply(lambda t: np.repeat(t, n, axis=0))
+        self._take(0, np.zeros(n, dtype=np.int64))
         self.batch = n
 
     def gather(self, rows: Sequence[int] | np.ndarray) -> None:
@@ -83,27 +88,24 @@ class KVCache:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.ndim != 1 or len(rows) == 0 or rows.min() < 0 or rows.max() >= self.batch:
             raise ValueError(f"gather rows {rows.tolist()} must be a non-empty list within 0..{self.batch - 1}")
-        self._apply(lambda t: t[rows])
+        self._take(0, rows)
         self.batch = len(rows)
-
-    def keep(self, positions: Sequence[int] | np.ndarray) -> None:
-        """Keep these sequence positions in this order (after tree verification: the context and the accepted
-        path's nodes), so the cache equals a plain forward over the accepted text."""
-        pos = np.asarray(positions, dtype=np.int64)
-        if pos.ndim != 1 or (pos.size and (pos.min() < 0 or pos.max() >= self.length)):
-            raise ValueError(f"keep positions {pos.tolist()} must be a list within 0..{self.length - 1}")
-        if np.array_equal(pos, np.arange(pos.size)):
-            return self.crop(pos.size)  # a prefix: slicing, no copy
-        self._apply(lambda t: t[:, :, pos])
-        self.length = pos.size
 
     def arrays(self) -> list[np.ndarray]:
         """k0, v0, k1, v1, ... as host NumPy arrays (tests, debugging)."""
         return [_host(t) for pair in zip(self.keys, self.values) for t in pair]
 
-    def _apply(self, fn) -> None:
-        self.keys = [self._place(fn(_host(t))) for t in self.keys]
-        self.values = [self._place(fn(_host(t))) for t in self.values]
+    def _take(self, axis: int, idx: slice | np.ndarray) -> None:
+        """Select idx along axis (0: rows, 2: positions) of every key and value tensor."""
+        tensors, n = self.keys + self.values, len(self.keys)
+        if self.device is None:
+            key = (slice(None),) * axis + (idx,)
+            out = [t[key] for t in tensors]
+        else:
+            if isinstance(idx, slice):
+                idx = np.arange(idx.start, idx.stop, dtype=np.int64)
+            out = _device_gather(len(tensors), axis, self.dtype.str, self.device)(tensors, idx)
+        self.keys, self.values = out[:n], out[n:]
 
     def _place(self, a: np.ndarray):
         if self.device is None:
@@ -119,3 +121,32 @@ def _shape(t) -> tuple[int, ...]:
 
 def _host(t) -> np.ndarray:
     return t if isinstance(t, np.ndarray) else t.numpy()
+
+
+@lru_cache(maxsize=None)
+def _device_gather(n: int, axis: int, dtype: str, device: tuple[str, int]):
+    """A function gathering idx along `axis` of n same-dtype OrtValues on `device` in one ORT call."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    elem = TensorProto.FLOAT16 if np.dtype(dtype) == np.float16 else TensorProto.FLOAT
+    graph = helper.make_graph(
+        [helper.make_node("Gather", [f"x{i}", "idx"], [f"y{i}"], axis=axis) for i in range(n)], "kv_gather",
+        [helper.make_tensor_value_info(f"x{i}", elem, None) for i in range(n)]
+        + [helper.make_tensor_value_info("idx", TensorProto.INT64, [None])],
+        [helper.make_tensor_value_info(f"y{i}", elem, None) for i in range(n)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    provider = ("CUDAExecutionProvider", {"device_id": device[1]}) if device[0] == "cuda" else "CPUExecutionProvider"
+    sess = ort.InferenceSession(model.SerializeToString(), providers=[provider])
+
+    def gather(tensors: list, idx: np.ndarray) -> list:
+        binding = sess.io_binding()
+        for i, t in enumerate(tensors):
+            binding.bind_ortvalue_input(f"x{i}", t)
+        binding.bind_cpu_input("idx", np.ascontiguousarray(idx, dtype=np.int64))
+        for i in range(n):
+            binding.bind_output(f"y{i}", *device)
+        sess.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    return gather

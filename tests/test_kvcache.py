@@ -59,6 +59,24 @@ def test_repeat_and_gather():
         d.gather([3])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_device_cache_ops_match_host_ops(dtype):
+    """OrtValue caches (the GPU path) run every op as a Gather graph on their device; here the device is the CPU."""
+    from onnxruntime import OrtValue
+
+    rng = np.random.default_rng(1)
+    arrays = [rng.normal(size=(1, 2, 6, 3)).astype(dtype) for _ in range(4)]
+    host, dev = KVCache(2, 2, 3, 16, dtype=dtype), KVCache(2, 2, 3, 16, dtype=dtype, device=("cpu", 0))
+    host.update(arrays)
+    dev.update([OrtValue.ortvalue_from_numpy(a) for a in arrays])
+    for op, arg in (("keep", [0, 1, 3, 5]), ("crop", 3), ("repeat", 3), ("gather", [2, 0])):
+        getattr(host, op)(arg)
+        getattr(dev, op)(arg)
+        assert (dev.length, dev.batch) == (host.length, host.batch)
+        assert all(isinstance(t, OrtValue) for t in dev.keys + dev.values)
+        assert all(x.dtype == dtype and (x == y).all() for x, y in zip(dev.arrays(), host.arrays()))
+
+
 def test_overflow_refused_up_front():
     c = filled(length=10, max_context=16)
     c.check_fits(6)
