@@ -1,0 +1,315 @@
+"""mjsd against its peers on the same weights, same machine, same prompts, interleaved: ratios, not absolutes.
+
+    flock /tmp/mjsd-bench.lock python tools/bench_peers.py --checkpoints /tmp/mjsd-train --limit 16 \
+        --out runs/peers.json
+
+Peers (greedy, batch 1, exactly --max-new-tokens new tokens each, EOS ignored; token ids given, so tokenization
+is outside every timing):
+- Hugging Face transformers (PyTorch eager, this venv): plain `generate` and `generate(assistant_model=draft,
+  num_assistant_tokens=gamma, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0)`: fixed
+  gamma draft-model speculative decoding like mjsd's sps.
+- onnxruntime-genai 0.18 (its own venv, --ortgenai-venv, created on first use: its model builder needs
+  transformers 5): greedy AR, and draft-model speculative decoding (genai_config model.type "speculative",
+  `set_speculative_options(max_draft_tokens=gamma)`, min_adaptive_k 0 = fixed K), models built from the same HF
+  checkpoints by its model builder (fp32, CPU); served by tools/peer_ortgenai_worker.py.
+- mjsd: `Engine.generate` (the product API, text streaming included) with ar, sps and mtad.
+Every prompt runs every system in turn, `--repeats` passes; wall time of one generation = prefill + decode.
+A weights check compares the mjsd target's logits with the HF checkpoint's, and greedy tokens across systems.
+
+Then the papers' claims (MTAD vs SpS): `mjsd bench`'s run_bench over ar/sps/mtad at T=0 and T=1 with the energy
+estimate (this VM has no power sensor), reported as ratios next to the published ones.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from mjsd.runtime import Engine, GenerationConfig
+from mjsd.runtime.bench import format_table, load_prompts, run_bench
+
+ROOT = Path(__file__).resolve().parent.parent
+ORTGENAI = "onnxruntime-genai==0.18.0"
+CLAIMS = {"speed-up MTAD vs SpS": 1.42, "energy SpS / MTAD": 1.54, "perplexity MTAD vs SpS": -0.212}
+
+
+def ensure_venv(venv: Path) -> Path:
+    """The onnxruntime-genai venv (created with its builder's needs: transformers 5, torch CPU, onnx_ir)."""
+    py = venv / "bin" / "python"
+    if py.exists():
+        return py
+    print(f"creating {venv} ({ORTGENAI}, transformers 5, torch CPU)", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    wheels = sorted(glob.glob("/opt/wheels/torch-*+cpu-*.whl"))  # a local CPU wheel when there is one
+    torch = [wheels[-1]] if wheels else ["torch", "--index-url", "https://download.pytorch.org/whl/cpu"]
+    pip = [str(py), "-m", "pip", "install", "-q"]
+    subprocess.run(pip + torch, check=True)
+    subprocess.run(pip + [ORTGENAI, "transformers>=5,<6", "onnx", "onnx_ir", "onnxscript", "numpy"], check=True)
+    return py
+
+
+class OrtGenAI:
+    def __init__(self, py: Path, checkpoints: Path, cache: Path, threads: int):
+        self.proc = subprocess.Popen([str(py), str(ROOT / "tools" / "peer_ortgenai_worker.py"), "--checkpoints",
+                                      str(checkpoints), "--cache", str(cache), "--threads", str(threads)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        hello = self.proc.stdout.readline()
+        if not hello:
+            raise SystemExit("the onnxruntime-genai worker failed to start (see its error above)")
+        self.version = json.loads(hello)["version"]
+
+    def generate(self, mode: str, ids: list[int], n: int, k: int) -> dict:
+        self.proc.stdin.write(json.dumps({"mode": mode, "ids": ids, "n": n, "k": k}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+class HF:
+    def __init__(self, checkpoints: Path, threads: int):
+        import torch
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.target = AutoModelForCausalLM.from_pretrained(checkpoints / "target").eval()
+        self.draft = AutoModelForCausalLM.from_pretrained(checkpoints / "draft").eval()
+        eot = self.target.config.eos_token_id
+        for m in (self.target, self.draft):  # generate() fills unset values from these: no EOS at all
+            m.generation_config.eos_token_id, m.generation_config.pad_token_id = None, eot
+        self.config = GenerationConfig(eos_token_id=None, pad_token_id=eot)
+
+    def generate(self, ids: list[int], n: int, gamma: int | None) -> dict:
+        x = self.torch.tensor([ids])
+        # no EOS token: exactly n tokens (min_length would add a logits processor that assisted generation refuses)
+        kw = dict(max_new_tokens=n, do_sample=False, attention_mask=self.torch.ones_like(x),
+                  generation_config=self.config)
+        if gamma:
+            kw.update(assistant_model=self.draft, num_assistant_tokens=gamma,
+                      num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)
+        with self.torch.inference_mode():
+            t0 = time.perf_counter()
+            out = self.target.generate(x, **kw)
+            seconds = time.perf_counter() - t0
+        return {"tokens": out[0, len(ids):].tolist(), "seconds": seconds}
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        with self.torch.inference_mode():
+            return self.target(self.torch.tensor([ids])).logits[0].numpy()
+
+
+def weights_check(engine: Engine, hf: HF, ids: list[int]) -> float:
+    """max |logit diff| between the mjsd target graph and the HF target checkpoint over one prompt."""
+    mine = engine.target.forward(np.asarray([ids], np.int64), engine.target.new_cache())[0]
+    return float(np.abs(mine[:, :hf.logits(ids).shape[1]] - hf.logits(ids)).max())
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for dist in ("mjsd", "onnxruntime", "numpy", "torch", "transformers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoints", type=Path, default=Path("/tmp/mjsd-train"),
+                    help="folder with the HF target/ and draft/ the bundle was exported from")
+    ap.add_argument("--bundle", type=Path, help="mjsd bundle (default: the built-in one)")
+    ap.add_argument("--prompts", type=Path, help="JSONL or text prompt file (default: the built-in set)")
+    ap.add_argument("--limit", type=int, default=16)
+    ap.add_argument("-n", "--max-new-tokens", type=int, default=64)
+    ap.add_argument("--gamma", type=int, default=4)
+    ap.add_argument("--beam-width", type=int, default=4)
+    ap.add_argument("--tau", type=float, default=0.5)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ortgenai-venv", type=Path, default=ROOT / ".venv-ortgenai")
+    ap.add_argument("--ortgenai-cache", type=Path, help="built onnxruntime-genai models (default: CHECKPOINTS/ortgenai)")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-ortgenai", action="store_true")
+    ap.add_argument("--skip-claims", action="store_true")
+    ap.add_argument("--claims-limit", type=int, default=32, help="prompts for the claims comparison")
+    ap.add_argument("--out", type=Path, help="write all results as JSON here")
+    args = ap.parse_args()
+    for role in ("target", "draft"):
+        if not (args.checkpoints / role / "config.json").is_file():
+            raise SystemExit(f"{args.checkpoints / role} is not a Hugging Face checkpoint (no config.json); give "
+                             "--checkpoints, the folder tools/train_builtin.py wrote (--work)")
+
+    n, gamma = args.max_new_tokens, args.gamma
+    engine = Engine.from_bundle(args.bundle, threads=args.threads, meter=None)
+    prompts = load_prompts(args.prompts, args.limit)
+    ids_list = [engine.encode(p) for p in prompts]
+    base = dict(max_new_tokens=n, ignore_eos=True, gamma=gamma, beam_width=args.beam_width, tau=args.tau)
+    systems = {f"mjsd {a}": (lambda ids, a=a: mjsd_run(engine, ids, GenerationConfig(algo=a, **base)))
+               for a in ("ar", "sps", "mtad")}
+    report = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "machine": platform.platform(),
+              "cpu_count": os.cpu_count(), "versions": versions(), "threads": args.threads, "prompts": len(prompts),
+              "max_new_tokens": n, "gamma": gamma, "beam_width": args.beam_width, "tau": args.tau,
+              "repeats": args.repeats, "bundle": str(engine.bundle.root), "checkpoints": str(args.checkpoints)}
+    hf = ortg = None
+    if not args.skip_hf:
+        hf = HF(args.checkpoints, args.threads)
+        report["weights_max_abs_logit_diff"] = weights_check(engine, hf, ids_list[0])
+        systems["hf ar"] = lambda ids: hf.generate(ids, n, None)
+        systems["hf assisted"] = lambda ids: hf.generate(ids, n, gamma)
+    if not args.skip_ortgenai:
+        py = ensure_venv(args.ortgenai_venv)
+        ortg = OrtGenAI(py, args.checkpoints, args.ortgenai_cache or args.checkpoints / "ortgenai", args.threads)
+        report["versions"]["onnxruntime-genai"] = ortg.version
+        systems["ortgenai ar"] = lambda ids: ortg.generate("ar", ids, n, gamma)
+        systems["ortgenai spec"] = lambda ids: ortg.generate("spec", ids, n, gamma)
+    try:
+        for run in systems.values():  # warm-up: first-call allocations, not measured
+            run(ids_list[0][:8])
+        seconds = {name: [] for name in systems}
+        tokens = {name: [] for name in systems}
+        extra = {name: [] for name in systems}
+        with tqdm(total=len(ids_list) * args.repeats * len(systems), desc="peers", unit="gen") as bar:
+            for _ in range(args.repeats):
+                for ids in ids_list:
+                    for name, run in systems.items():
+                        r = run(ids)
+                        if len(r["tokens"]) != n:
+                            raise SystemExit(f"{name} generated {len(r['tokens'])} tokens, not {n}")
+                        seconds[name].append(r["seconds"])
+                        tokens[name].append(r["tokens"])
+                        extra[name].append(r.get("stats"))
+                        bar.update()
+    finally:
+        if ortg:
+            ortg.close()
+    report["systems"] = summarise(seconds, tokens, extra, n)
+    report["ratios"] = ratios(report["systems"])
+    if not args.skip_claims:
+        report["claims"] = claims(engine, args, prompts)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+    print(markdown(report))
+
+
+def mjsd_run(engine: Engine, ids: list[int], cfg: GenerationConfig) -> dict:
+    t0 = time.perf_counter()
+    r = engine.generate(ids, cfg)
+    seconds = time.perf_counter() - t0
+    s = r.stats
+    return {"tokens": r.tokens, "seconds": seconds,
+            "stats": {"rounds": s.rounds, "accepted": s.accepted_tokens, "drafted": s.draft_tokens,
+                      "target_s": s.target_time_s, "draft_s": s.draft_time_s, "target_calls": s.target_calls,
+                      "draft_calls": s.draft_calls, "wall_s": s.wall_time_s}}
+
+
+def summarise(seconds: dict, tokens: dict, extra: dict, n: int) -> dict:
+    ref = tokens.get("mjsd ar")
+    out = {}
+    for name, secs in seconds.items():
+        total = sum(secs)
+        s = {"tokens_per_s": n * len(secs) / total, "ms_per_token": 1e3 * total / (n * len(secs)),
+             "median_s": statistics.median(secs)}
+        if ref is not None:
+            s["same_tokens_as_mjsd_ar"] = sum(a == b for a, b in zip(tokens[name], ref)) / len(ref)
+        stats = [e for e in extra[name] if e]
+        if stats and "rounds" in stats[0] and "accepted" in stats[0]:  # mjsd
+            rounds = sum(e["rounds"] for e in stats)
+            s["mean_accepted_length"] = 1 + sum(e["accepted"] for e in stats) / rounds if rounds else None
+            wall = sum(e["wall_s"] for e in stats)
+            s["share_in_ort"] = (sum(e["target_s"] + e["draft_s"] for e in stats)) / wall
+            calls = sum(e["target_calls"] for e in stats)
+            s["ms_per_target_call"] = 1e3 * sum(e["target_s"] for e in stats) / calls
+            dcalls = sum(e["draft_calls"] for e in stats)
+            s["ms_per_draft_call"] = 1e3 * sum(e["draft_s"] for e in stats) / dcalls if dcalls else None
+        elif stats:  # onnxruntime-genai get_speculative_stats()
+            rounds = sum(e["rounds"] for e in stats)
+            s["mean_accepted_length"] = 1 + sum(e["draft_tokens_accepted"] for e in stats) / rounds
+            s["ms_per_target_call"] = sum(e["total_target_ms"] for e in stats) / sum(
+                e["target_forward_passes"] for e in stats)
+            s["ms_per_draft_call"] = sum(e["total_draft_ms"] for e in stats) / sum(
+                e["draft_forward_passes"] for e in stats)
+        out[name] = s
+    return out
+
+
+def ratios(systems: dict) -> dict:
+    pairs = [("mjsd sps", "hf assisted"), ("mjsd mtad", "hf assisted"), ("mjsd ar", "hf ar"),
+             ("mjsd ar", "ortgenai ar"), ("mjsd sps", "ortgenai spec"), ("mjsd mtad", "ortgenai spec"),
+             ("mjsd sps", "mjsd ar"), ("mjsd mtad", "mjsd ar"), ("hf assisted", "hf ar"),
+             ("ortgenai spec", "ortgenai ar")]
+    return {f"{a} / {b}": systems[a]["tokens_per_s"] / systems[b]["tokens_per_s"]
+            for a, b in pairs if a in systems and b in systems}
+
+
+def claims(engine: Engine, args, prompts: list[str]) -> dict:
+    """MTAD vs SpS at T=0 and T=1 (top-k 10, top-p 0.9) with the CPU-time energy estimate."""
+    prompts = load_prompts(args.prompts, args.claims_limit)
+    est = Engine.from_bundle(args.bundle, threads=args.threads, meter="estimate")
+    configs = []
+    for t in (0.0, 1.0):
+        samp = dict(temperature=t, top_k=10 if t else 0, top_p=0.9 if t else 1.0, seed=0)
+        for a in ("ar", "sps", "mtad"):
+            configs.append((f"{a} T={t:g}", GenerationConfig(algo=a, max_new_tokens=args.max_new_tokens,
+                                                             gamma=args.gamma, beam_width=args.beam_width,
+                                                             tau=args.tau, **samp)))
+    with tqdm(total=len(prompts) * len(configs), desc="claims", unit="gen") as bar:
+        summaries = run_bench(est, prompts, configs, on_step=bar.update)
+    by = {s["name"]: s for s in summaries}
+    out = {"summaries": summaries, "table": format_table(summaries), "prompts": len(prompts)}
+    for t in ("0", "1"):
+        sps, mtad = by[f"sps T={t}"], by[f"mtad T={t}"]
+        out[f"T={t}"] = {"speed-up MTAD vs SpS": mtad["tokens_per_s"] / sps["tokens_per_s"],
+                         "energy SpS / MTAD": sps["j_per_token"] / mtad["j_per_token"],
+                         "perplexity MTAD vs SpS": mtad["perplexity"] / sps["perplexity"] - 1,
+                         "parse rate SpS, MTAD": (sps["parse_rate"], mtad["parse_rate"])}
+    return out
+
+
+def markdown(r: dict) -> str:
+    lines = [f"{r['date_utc']} UTC, {r['machine']}, {r['cpu_count']} cores, {r['threads']} threads; "
+             f"{json.dumps(r['versions'])}",
+             f"{r['prompts']} prompts x {r['max_new_tokens']} new tokens x {r['repeats']} pass(es), greedy, "
+             f"gamma {r['gamma']}, mtad W={r['beam_width']} tau={r['tau']}"]
+    if "weights_max_abs_logit_diff" in r:
+        lines.append(f"weights check: max |logit diff| mjsd target vs HF checkpoint = "
+                     f"{r['weights_max_abs_logit_diff']:.2g}")
+    lines += ["", "| system | tokens/s | ms/token | mean accepted length | ms/target call | ms/draft call | "
+              "same tokens as mjsd ar |", "|---|---|---|---|---|---|---|"]
+
+    def f(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    for name, s in r["systems"].items():
+        lines.append(f"| {name} | {s['tokens_per_s']:.1f} | {s['ms_per_token']:.2f} | "
+                     f"{f(s.get('mean_accepted_length'), '.2f')} | {f(s.get('ms_per_target_call'), '.2f')} | "
+                     f"{f(s.get('ms_per_draft_call'), '.3f')} | {f(s.get('same_tokens_as_mjsd_ar'), '.0%')} |")
+    lines += ["", "| ratio (tokens/s) | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f}x |" for k, v in r["ratios"].items()]
+    if "claims" in r:
+        c = r["claims"]
+        lines += ["", f"Claims (MTAD vs SpS; {c['prompts']} prompts, energy ESTIMATED from CPU time):", "",
+                  c["table"], "", "| claim | published | T=0 here | T=1 here |", "|---|---|---|---|"]
+        for k, pub in CLAIMS.items():
+            fmt = "+.1%" if "perplexity" in k else ".2f"
+            lines.append(f"| {k} | {format(pub, fmt)} | {format(c['T=0'][k], fmt)} | {format(c['T=1'][k], fmt)} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
