@@ -12,7 +12,7 @@ from math import prod
 
 import numpy as np
 
-from .joint import sample_distinct
+from .joint import sample_distinct, top_indices
 from .sampling import sample
 
 
@@ -59,9 +59,7 @@ def propose_children(rng: np.random.Generator, q: np.ndarray, k: int, replacemen
 
 def top_children(logits: np.ndarray, k: int) -> np.ndarray:
     """The k most likely tokens of each row (sampling without replacement at temperature 0), best first."""
-    part = np.argpartition(-logits, k - 1, axis=-1)[:, :k] if k < logits.shape[-1] else np.argsort(-logits, axis=-1)
-    order = np.argsort(-np.take_along_axis(logits, part, axis=-1), axis=-1, kind="stable")
-    return np.take_along_axis(part, order, axis=-1)[:, :k]
+    return top_indices(logits, k)
 
 
 def normalise(p: np.ndarray) -> np.ndarray:

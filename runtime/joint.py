@@ -57,16 +57,16 @@ def _keep_greedy(picked: np.ndarray, greedy_beam: int, table: np.ndarray) -> tup
     return picked, len(picked) - 1
 
 
-def _top(x: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the n largest entries of x [N], largest first (the first index on ties). For the few beams a draft
-    keeps, repeated argmax is far cheaper than a partition (0.01 ms vs 2 ms over 4 x 32000 entries)."""
+def top_indices(x: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the n largest entries along the last axis, largest first (the first index on ties). For the few
+    beams or children a draft keeps, repeated argmax is far cheaper than a partition (0.01 ms vs 2 ms over
+    4 x 32000 entries)."""
     if n > 32:
-        part = np.argpartition(-x, n - 1)[:n] if n < x.size else np.arange(x.size)
-        return part[np.argsort(-x[part], kind="stable")]
-    x, out = x.copy(), np.empty(n, dtype=np.int64)
+        return np.argsort(-x, axis=-1, kind="stable")[..., :n]
+    x, out = np.array(x, dtype=np.float64), np.empty(x.shape[:-1] + (n,), dtype=np.int64)
     for j in range(n):
-        out[j] = np.argmax(x)
-        x[out[j]] = -np.inf
+        out[..., j] = np.argmax(x, axis=-1)
+        np.put_along_axis(x, out[..., j, None], -np.inf, axis=-1)
     return out
 
 
@@ -80,7 +80,7 @@ def beam_search_step(cum_logq: np.ndarray, logq: np.ndarray, width: int, greedy_
     scores = cum_logq[:, None] + logq
     flat = scores.ravel()
     n = min(width, int(np.isfinite(flat).sum()))
-    picked = _top(flat, n)
+    picked = top_indices(flat, n)
     picked, greedy = _keep_greedy(picked, greedy_beam, logq)
     parents, tokens = np.divmod(picked, logq.shape[1])
     return parents, tokens, flat[picked], greedy

@@ -6,7 +6,7 @@ import pytest
 
 from mjsd.runtime.errors import ConfigError
 from mjsd.runtime.joint import (MAX_JOINT_SEQUENCES, accept_length, beam_sample_step, beam_search_step, best_joint,
-                                joint_prefixes, sample_distinct, token_logprobs)
+                                joint_prefixes, sample_distinct, token_logprobs, top_indices)
 
 
 
@@ -59,6 +59,14 @@ def test_beam_search_skips_filtered_tokens():
     logq = L(np.array([[0.7, 0.3, 0.0, 0.0]]))
     _, tokens, cum, _ = beam_search_step(np.zeros(1), logq, 4, 0)
     assert tokens.tolist() == [0, 1] and np.isfinite(cum).all()
+
+
+def test_top_indices_match_a_stable_sort():
+    x = np.random.default_rng(0).integers(0, 5, size=(3, 40)).astype(np.float32)  # many ties
+    x[0, :3] = -np.inf
+    for n in (1, 4, 33, 40):
+        want = np.argsort(-x, axis=-1, kind="stable")[:, :n]
+        assert (top_indices(x, n) == want).all() and (top_indices(x[1], n) == want[1]).all()
 
 
 def test_sample_distinct_is_sequential_sampling_without_replacement():
