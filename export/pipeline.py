@@ -128,15 +128,17 @@ def _read_sources(given: dict[str, str], max_context: int | None):
 
 
 def _export_model(ck: _Checkpoint, bundle: Path, quantization: str | None, fp16: bool, validate: bool, ids,
-                  steps) -> dict[str, Any]:
-    """Build, transform and validate one model's graph into bundle/<role>/; return its manifest entry."""
-    from . import graph, sources
+                  steps, tree_ids=None) -> dict[str, Any]:
+    """Build, transform and validate one model's graph into bundle/<role>/; return its manifest entry.
+    tree_ids (validate.sample_tree_ids): build the graph that takes a 4-D attention bias (tree_graph.py) instead of
+    optimum's, and validate it on this tree too."""
+    from . import graph, sources, tree_graph
     from .validate import reference_logits, validate_graph
 
-    r = ck.role
+    r, tree_attention = ck.role, tree_ids is not None
     steps.set_description_str(f"{r}: exporting graph")
     work = Path(tempfile.mkdtemp(prefix=f"{r}-raw-", dir=bundle))
-    raw = graph.build_decoder_graph(ck.path, work)  # a tree-attention builder would be chosen here
+    raw = (tree_graph.build_tree_graph if tree_attention else graph.build_decoder_graph)(ck.path, work)
     steps.update()
     model_dir = bundle / r
     model_dir.mkdir()
@@ -163,7 +165,11 @@ def _export_model(ck: _Checkpoint, bundle: Path, quantization: str | None, fp16:
     validation = None
     if validate:
         steps.set_description_str(f"{r}: validating against PyTorch")
-        validation = validate_graph(final, io, reference_logits(ck.path, ids), ids, precision, r)
+        if tree_attention:
+            ref, tree_ref = reference_logits(ck.path, ids, tree_ids)
+            validation = validate_graph(final, io, ref, ids, precision, r, (tree_ids, tree_ref))
+        else:
+            validation = validate_graph(final, io, reference_logits(ck.path, ids), ids, precision, r)
     steps.update()
     files = [*graph.graph_files(final), model_dir / "config.json"]
     return {"path": f"{r}/{graph.GRAPH}", "files": {f"{r}/{p.name}": sha256_file(p) for p in files},
@@ -172,25 +178,28 @@ def _export_model(ck: _Checkpoint, bundle: Path, quantization: str | None, fp16:
             "hidden_size": ck.dims["hidden_size"], "vocab_size": ck.dims["vocab_size"],
             "max_context": ck.max_context, "dtype": io["dtype"], "inputs": io["inputs"], "outputs": io["outputs"],
             "num_parameters": sources.count_parameters(ck.config), "quantization": quantization, "fp16": fp16,
-            "size_bytes": sum(p.stat().st_size for p in files), "source": ck.given, "validation": validation}
+            "size_bytes": sum(p.stat().st_size for p in files), "source": ck.given, "validation": validation,
+            "tree_attention": tree_attention}
 
 
 def export_bundle(target: str | Path, draft: str | Path, out: str | Path, *,
                   quantize: str | dict[str, str | None] | None = None, fp16: bool = False,
                   max_context: int | None = None, validate: bool = True, force: bool = False,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, tree_attention: bool = False) -> dict[str, Any]:
     """Export a target and a draft checkpoint (local folders or hub ids) into a bundle at `out`; return its manifest.
 
     quantize: "int8" (both), or {"target": "int8", "draft": None} per model: dynamic int8 weights for CPU.
     fp16: fp16 weights and KV cache, for GPU. max_context: cap on the context (default: the config's positions).
     validate: compare every graph with PyTorch (prefill + multi-token decode) and refuse a mismatch.
     force: replace an existing bundle at `out`. progress: a progress line on stderr.
+    tree_attention: export the target as a tree-attention graph (4-D additive bias, explicit positions) for tree
+    verification (mmtad, mcsd with mcsd_strategy="tree"); the draft keeps the standard graph.
     """
     from tqdm import tqdm
 
     from .graph import OPSET
     from .sources import TASK
-    from .validate import sample_ids
+    from .validate import sample_ids, sample_tree_ids
 
     quant = per_model_quantization(quantize)
     if fp16 and any(quant.values()):
@@ -217,7 +226,9 @@ def export_bundle(target: str | Path, draft: str | Path, out: str | Path, *,
             tok_files = {f"tokenizer/{p.name}": sha256_file(p) for p in sorted((tmp / "tokenizer").iterdir())}
             steps.update()
             ids = sample_ids(vocab)
-            models = {r: _export_model(ckpts[r], tmp, quant[r], fp16, validate, ids, steps) for r in ROLES}
+            tree_ids = sample_tree_ids(vocab) if tree_attention else None
+            models = {r: _export_model(ckpts[r], tmp, quant[r], fp16, validate, ids, steps,
+                                       tree_ids if r == "target" else None) for r in ROLES}
             manifest = {
                 "format": FORMAT, "format_version": FORMAT_VERSION,
                 "vocab_size": vocab,
@@ -234,7 +245,8 @@ def export_bundle(target: str | Path, draft: str | Path, out: str | Path, *,
                     "mjsd_version": _version("mjsd"), "versions": {d: _version(d) for d in _VERSIONED},
                     "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "options": {"quantize": quant, "fp16": fp16, "max_context": max_context, "validate": validate,
-                                "opset": OPSET, "task": TASK},
+                                "opset": OPSET, "task": TASK,
+                                "tree_attention": tree_attention},
                 },
             }
             validate_manifest(manifest)

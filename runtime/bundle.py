@@ -166,6 +166,8 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> None:
         _require(e["vocab_size"] >= m["vocab_size"], f"{where}: models.{role}.vocab_size {e['vocab_size']} "
                  f"is smaller than the shared vocabulary {m['vocab_size']}")
         _require(e["path"] in e["files"], f"{where}: models.{role}.files does not list its graph {e['path']}")
+        _require(not e.get("tree_attention") or "attention_bias" in e["inputs"], f"{where}: models.{role} claims "
+                 "tree_attention but its graph has no attention_bias input; re-export the bundle")
 
 
 def _check_files(root: Path, files: dict[str, str], what: str, verify: bool) -> None:

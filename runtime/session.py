@@ -4,10 +4,6 @@
 [B, S, V]. Time inside ORT's run is accumulated in `time_s` (and `calls`), so statistics can split model time from
 orchestration.
 
-A tree-attention graph (bundle flag `tree_attention`) takes an additive bias [B, 1, S, past+S] instead of the rank-2
-mask; `forward` feeds it a causal bias, and `forward_tree(tokens, parents, cache)` verifies a whole token tree in one
-call (tree.py describes trees).
-
 CPU: plain NumPy feeds (IO binding gave no gain on CPU, platform-notes). CUDA/TensorRT: IO binding, the presents
 stay on the device as OrtValues and are rebound as the next past; only logits come back to the host.
 `io_binding=True` on CPU runs that same branch with host OrtValues (how the tests cover it without a GPU).

@@ -6,6 +6,7 @@ Bundles (paths to a bundle directory, load with mjsd.runtime.bundle.load_bundle)
 - gpt2_bundle: GPT-2 target (2 layers) and draft (1 layer), same 300-id tokenizer.
 - tiny_vocab_bundle: Llama target (2 layers) and draft (1 layer) over a 12-id word-level tokenizer, for tests that
   enumerate the vocabulary (distributions, MJGD oracle).
+- llama_tree_bundle, tiny_vocab_tree_bundle: the same checkpoints exported with a tree-attention target graph.
 Checkpoint folders (for PyTorch references): llama_checkpoints, gpt2_checkpoints, tiny_vocab_checkpoints, each a
 (target_dir, draft_dir) tuple. Torch and the export stage are imported only when one of these fixtures is used.
 """
@@ -24,10 +25,10 @@ def _pair(root, arch: str, vocab: int, target: dict, draft: dict):
             make_checkpoint(root / "draft", arch=arch, tokenizer=tok, seed=1, **draft))
 
 
-def _export(pair, out):
+def _export(pair, out, **options):
     from mjsd.export import export_bundle
 
-    export_bundle(pair[0], pair[1], out, progress=False)
+    export_bundle(pair[0], pair[1], out, progress=False, **options)
     return out
 
 
@@ -63,3 +64,13 @@ def gpt2_bundle(gpt2_checkpoints, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_vocab_bundle(tiny_vocab_checkpoints, tmp_path_factory):
     return _export(tiny_vocab_checkpoints, tmp_path_factory.mktemp("tiny") / "bundle")
+
+
+@pytest.fixture(scope="session")
+def llama_tree_bundle(llama_checkpoints, tmp_path_factory):
+    return _export(llama_checkpoints, tmp_path_factory.mktemp("llama-tree") / "bundle", tree_attention=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_vocab_tree_bundle(tiny_vocab_checkpoints, tmp_path_factory):
+    return _export(tiny_vocab_checkpoints, tmp_path_factory.mktemp("tiny-tree") / "bundle", tree_attention=True)
