@@ -68,6 +68,18 @@ def test_greedy_mcsd_equals_ar_greedy(llama, k_config, replacement):
                 assert stats.draft_calls == len(k_config) * stats.rounds + prefills
 
 
+def test_gpt2_graphs(gpt2_bundle):
+    """GPT-2 orders its inputs differently and has no position_ids input: greedy identity and KV state hold too."""
+    b = load_bundle(gpt2_bundle)
+    target, draft = ModelSession(b.target, threads=1), ModelSession(b.draft, threads=1)
+    noisy = NoisyDraft(ModelSession(b.target, threads=1), scale=0.3, seed=1)
+    for prompt in PROMPTS:
+        ref, _ = generate_ids(target, prompt, GenerationConfig(algo="ar", max_new_tokens=20))
+        for d in (draft, noisy):
+            assert generate_ids(target, prompt, GenerationConfig(algo="mcsd", max_new_tokens=20), draft=d)[0] == ref
+    run_rounds(target, noisy, [1, 17, 42, 99], 6, algo="mcsd", k_config=(2, 2), temperature=1.0, seed=0)
+
+
 @pytest.mark.parametrize("cfg", [dict(temperature=0.0, mcsd_replacement=False),
                                  dict(temperature=1.0, mcsd_replacement=True, seed=3),
                                  dict(temperature=0.8, top_k=20, mcsd_replacement=False, seed=4)])

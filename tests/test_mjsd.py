@@ -143,6 +143,13 @@ def test_kv_state_after_every_round_equals_a_fresh_forward(llama, algo, cfg):
     assert min(accepted) < 3 and 3 in accepted  # partial rounds and full ones (the draft then lags a token)
 
 
+def test_kv_state_on_gpt2_graphs(gpt2_bundle):
+    b = load_bundle(gpt2_bundle)
+    noisy = NoisyDraft(ModelSession(b.target, threads=1), scale=0.3, seed=1)
+    for algo, cfg in [("mjsd", {}), ("mtad", dict(temperature=1.0, seed=0))]:
+        run_rounds(ModelSession(b.target, threads=1), noisy, [1, 17, 42, 99], 6, algo=algo, gamma=3, **cfg)
+
+
 def test_gamma_and_width_may_change_between_rounds(llama):
     """The power controller replaces ctx.cfg's gamma / beam_width between rounds."""
     b, target, _ = llama
