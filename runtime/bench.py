@@ -7,17 +7,21 @@ tokens/s = generated tokens / wall time (prefill + decode) summed over prompts; 
 sampling settings, in the same run. Output perplexity = exp(-mean log p(token | prefix)) under the target at T=1,
 unfiltered, over the generated tokens only (algorithms.md), from one fresh target forward per output.
 
-Parse rate (a task metric for code): the share of completions of a function header that parse as Python, by the rule
-of `completion_parses`: the function is the prompt from its last `def` line on plus the completion up to the first
-EOS; the body ends at the first non-blank line indented no deeper than the `def`; a completion that never got there
-(cut by max_new_tokens) loses its last line, which may be incomplete. The rest must pass `ast.parse`.
+Parse rate (a task metric for code): the share of completions of a function header that are valid Python, by the
+rule of `completion_parses`: the function is the prompt from its last `def` line on plus the completion up to the
+first EOS; the body ends at the first non-blank line indented no deeper than the `def`. A function that ended there
+(or at EOS) must pass `ast.parse`. One cut by max_new_tokens loses its last line if that has no newline yet, and
+the rest must be valid so far: complete, or only unfinished (an open bracket, a block awaiting its body: `codeop`),
+never a syntax error. On the real bodies of the built-in prompts the rule gives 100% at every cut length.
 """
 from __future__ import annotations
 
 import ast
+import codeop
 import json
 import math
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -95,13 +99,18 @@ def completion_parses(prompt: str, completion: str, ended: bool = False) -> bool
             ended = True  # dedent: the function is over
             break
         kept.append(line)
-    if not ended and kept:
-        kept.pop()  # cut by the token limit: the last line may be incomplete
+    if not ended and kept and not kept[-1].endswith("\n"):
+        kept.pop()  # cut by the token limit inside a line: that line is incomplete
     source = "".join(head.splitlines(keepends=True) + kept)
     source = "\n".join(line[indent:] if line[:indent].strip() == "" else line for line in source.split("\n"))
     try:
-        ast.parse(source)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # SyntaxWarnings (invalid escapes) are not errors
+            if ended:
+                ast.parse(source)
+            else:  # None = valid but unfinished input; a SyntaxError = invalid
+                codeop.compile_command(source, "<completion>", "exec")
+    except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError):
         return False
     return True
 

@@ -36,7 +36,10 @@ HEADER = 'x = foo(1,\n        2)\n\ndef f(a):\n    """Doc."""\n'
 
 @pytest.mark.parametrize("completion, ended, expected", [
     ("    return a + 1\n\ndef g(:\n", False, True),  # body ends at the dedent; what follows is not judged
-    ("    y = a\n    return (y +\n        1", False, False),  # cut mid-statement: the last line is dropped, still open
+    ("    y = a\n    return (y +\n        1", False, True),  # cut: last line dropped, an open bracket is unfinished
+    ("    y = a\n    return )\n        1", False, False),  # ... but a syntax error before the cut is not
+    ("    if a:\n        x = 'abc\n    y", False, False),  # unterminated string
+    ("    for x in a:\n", False, True),  # a block awaiting its body is unfinished, not wrong
     ("    return a +", False, True),  # a lone incomplete line is dropped: the docstring is the body
     ("    return a +", True, False),  # ... unless the generation ended (EOS): then the line is complete and wrong
     ("    if a:\n  return a\n", False, False),  # the dedent ends the function after an `if` without a body
@@ -44,6 +47,28 @@ HEADER = 'x = foo(1,\n        2)\n\ndef f(a):\n    """Doc."""\n'
 ])
 def test_parse_rule(completion, ended, expected):
     assert completion_parses(HEADER, completion, ended=ended) is expected
+
+
+def test_parse_rule_on_the_real_bodies():
+    """The stdlib's own bodies of the built-in prompts are valid at every cut length."""
+    import sysconfig
+    from pathlib import Path
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    checked = 0
+    for item in map(json.loads, (Path(__file__).parent.parent / "runtime" / "data" / "prompts.jsonl").open()):
+        path = root / item["source"].split(":")[0]
+        if not path.is_file():
+            continue
+        src = path.read_text(encoding="utf-8", errors="replace")
+        body = src[src.index(item["prompt"]) + len(item["prompt"]):].splitlines(keepends=True)
+        for cut in (1, 2, 3, 5, 8, 13, 200):  # at line ends
+            assert completion_parses(item["prompt"], "".join(body[:cut])), (item["source"], cut)
+        for cut in (7, 30, 61, 120, 250, 500):  # inside lines, like a token limit
+            assert completion_parses(item["prompt"], "".join(body)[:cut]), (item["source"], cut)
+        checked += 1
+    if not checked:
+        pytest.skip("the stdlib sources of the prompts are not on this machine")
 
 
 def test_parse_rule_nested_method_and_no_header():

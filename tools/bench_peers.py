@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ortgenai-venv", type=Path, default=ROOT / ".venv-ortgenai")
-    ap.add_argument("--ortgenai-cache", type=Path, help="built onnxruntime-genai models (default: CHECKPOINTS/ortgenai)")
+    ap.add_argument("--ortgenai-cache", type=Path, help="onnxruntime-genai models (default: CHECKPOINTS/ortgenai)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-ortgenai", action="store_true")
     ap.add_argument("--skip-claims", action="store_true")
