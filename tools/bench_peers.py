@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -118,6 +120,15 @@ def weights_check(engine: Engine, hf: HF, ids: list[int]) -> float:
     return float(np.abs(mine[:, :hf.logits(ids).shape[1]] - hf.logits(ids)).max())
 
 
+def default_cache(checkpoints: Path) -> Path:
+    """A build folder per version of the checkpoints (path, size and mtime of every weight file)."""
+    key = hashlib.sha1()
+    for f in sorted(checkpoints.glob("*/*.safetensors")) + sorted(checkpoints.glob("*/*.bin")):
+        st = f.stat()
+        key.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return Path(tempfile.gettempdir()) / "mjsd-peers" / key.hexdigest()[:12]
+
+
 def versions() -> dict:
     out = {"python": platform.python_version()}
     for dist in ("mjsd", "onnxruntime", "numpy", "torch", "transformers"):
@@ -142,7 +153,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ortgenai-venv", type=Path, default=ROOT / ".venv-ortgenai")
-    ap.add_argument("--ortgenai-cache", type=Path, help="onnxruntime-genai models (default: CHECKPOINTS/ortgenai)")
+    ap.add_argument("--ortgenai-cache", type=Path, help="onnxruntime-genai models (default: under /tmp, keyed by "
+                    "the checkpoints' files, so retrained weights are rebuilt)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-ortgenai", action="store_true")
     ap.add_argument("--skip-claims", action="store_true")
@@ -173,7 +185,7 @@ def main() -> None:
         systems["hf assisted"] = lambda ids: hf.generate(ids, n, gamma)
     if not args.skip_ortgenai:
         py = ensure_venv(args.ortgenai_venv)
-        ortg = OrtGenAI(py, args.checkpoints, args.ortgenai_cache or args.checkpoints / "ortgenai", args.threads)
+        ortg = OrtGenAI(py, args.checkpoints, args.ortgenai_cache or default_cache(args.checkpoints), args.threads)
         report["versions"]["onnxruntime-genai"] = ortg.version
         systems["ortgenai ar"] = lambda ids: ortg.generate("ar", ids, n, gamma)
         systems["ortgenai spec"] = lambda ids: ortg.generate("spec", ids, n, gamma)
