@@ -36,7 +36,7 @@ def reports_errors(fn):
 def _bundle_summary(root, manifest: dict) -> dict:
     """The one-object summary `export --json` prints: where the bundle is and what each model is."""
     keys = ("model_type", "num_layers", "num_kv_heads", "head_dim", "vocab_size", "max_context", "dtype",
-            "quantization", "num_parameters", "size_bytes")
+            "quantization", "num_parameters", "size_bytes", "tree_attention")
     models = {}
     for role, e in manifest["models"].items():
         models[role] = {k: e.get(k) for k in keys}
@@ -68,7 +68,11 @@ def _describe_bundle(root, manifest: dict, verified: bool) -> str:
             lines.append(f"{'':<11} not validated: {v['skipped']}")
         elif v:
             lines.append(f"{'':<11} validated vs PyTorch ({v['precision']}): max |logit diff| "
-                         f"{v['max_abs_diff']:.2g}, top-1 agreement {v['top1_agreement']:.2f}")
+                         f"{v['max_abs_diff']:.2g}, top-1 agreement {v['top1_agreement']:.2f}"
+                         + (f"; tree of {len(v['tree']['parents'])} nodes {v['tree']['max_abs_diff']:.2g}"
+                            if "tree" in v else ""))
+        if e.get("tree_attention"):
+            lines.append(f"{'':<11} tree attention: input attention_bias [B,1,S,past+S] (mmtad, mcsd tree strategy)")
     prov = manifest["provenance"]
     versions = ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items() if v)
     lines.append(f"created     {prov.get('created_utc', '?')} by mjsd {prov.get('mjsd_version', '?')}; "
@@ -88,11 +92,13 @@ def _describe_bundle(root, manifest: dict, verified: bool) -> str:
 @click.option("--max-context", type=click.IntRange(min=1), help="Cap the context length (default: the config's).")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison of each graph with PyTorch.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
+@click.option("--tree-attention", is_flag=True, help="Export the target with a 4-D attention bias input, for "
+              "tree verification (mmtad, mcsd --mcsd-strategy tree).")
 @click.option("--json", "as_json", is_flag=True, help="Print a one-object JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @reports_errors
 def export_cmd(target, draft, out, quantize, quantize_target, quantize_draft, fp16, max_context, no_validate, force,
-               as_json, quiet):
+               tree_attention, as_json, quiet):
     """Export a target and a draft checkpoint into a validated ONNX bundle."""
     import time
 
@@ -106,7 +112,8 @@ def export_cmd(target, draft, out, quantize, quantize_target, quantize_draft, fp
             per_model[role] = None if choice == "none" else choice
     t0 = time.perf_counter()
     manifest = export_bundle(target, draft, out, quantize=per_model, fp16=fp16, max_context=max_context,
-                             validate=not no_validate, force=force, progress=not quiet)
+                             validate=not no_validate, force=force, progress=not quiet,
+                             tree_attention=tree_attention)
     summary = _bundle_summary(out, manifest)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     if as_json:
@@ -305,7 +312,7 @@ def format_stats(stats: dict) -> str:
 @click.argument("prompt", required=False)
 @click.option("-f", "--file", "prompt_file", type=click.Path(path_type=Path), help="Read the prompt from a file.")
 @click.option("--bundle", type=click.Path(path_type=Path), help="Model bundle (default: the built-in one).")
-@click.option("--algo", type=click.Choice(["ar", "sps", "mjsd", "mtad", "mcsd", "mjgd"]), default="mtad",
+@click.option("--algo", type=click.Choice(["ar", "sps", "mjsd", "mtad", "mmtad", "mcsd", "mjgd"]), default="mtad",
               show_default=True, help="Decoding algorithm.")
 @click.option("-n", "--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--temperature", "--temp", type=float, default=0.0, show_default=True, help="0 = greedy/deterministic.")
@@ -314,11 +321,14 @@ def format_stats(stats: dict) -> str:
 @click.option("--seed", type=int, help="Seed for sampling (reproducible runs).")
 @click.option("--gamma", "--draft-max", "gamma", type=int, default=4, show_default=True,
               help="Draft tokens per round (sps, mjsd, mtad).")
-@click.option("--beam-width", type=int, default=4, show_default=True, help="Draft beams (mjsd, mtad).")
+@click.option("--beam-width", type=int, default=4, show_default=True, help="Draft beams (mjsd, mtad, mmtad).")
 @click.option("--tau", type=float, default=0.5, show_default=True, help="Joint acceptance threshold in (0, 1].")
 @click.option("--k-config", callback=_k_config, help="MCSD candidates per depth, e.g. 2,2,1.")
 @click.option("--mcsd-replacement/--mcsd-no-replacement", default=False, show_default=True,
               help="MCSD: sample candidates with or without replacement.")
+@click.option("--mcsd-strategy", type=click.Choice(["batch", "tree"]), default="batch", show_default=True,
+              help="MCSD verification: one batch row per path, or one tree-attention sequence (needs a bundle "
+                   "exported with --tree-attention).")
 @click.option("--stop", multiple=True, help="Stop after this string (repeatable).")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-text token.")
 @click.option("--provider", help="Execution provider preference, comma-separated: tensorrt,cuda,cpu "
@@ -333,15 +343,15 @@ def format_stats(stats: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, token ids, stats.")
 @reports_errors
 def generate_cmd(prompt, prompt_file, bundle, algo, max_new_tokens, temperature, top_k, top_p, seed, gamma,
-                 beam_width, tau, k_config, mcsd_replacement, stop, ignore_eos, provider, threads, profile, meter,
-                 power_budget, objective, show_stats, as_json):
+                 beam_width, tau, k_config, mcsd_replacement, mcsd_strategy, stop, ignore_eos, provider, threads,
+                 profile, meter, power_budget, objective, show_stats, as_json):
     """Complete PROMPT (an argument, --file, or stdin), streaming the text as it is produced."""
     from .engine import Engine
 
     text = _read_prompt(prompt, prompt_file)
     params = dict(algo=algo, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                   seed=seed, gamma=gamma, beam_width=beam_width, tau=tau, stop=stop, ignore_eos=ignore_eos,
-                  mcsd_replacement=mcsd_replacement)
+                  mcsd_replacement=mcsd_replacement, mcsd_strategy=mcsd_strategy)
     if k_config is not None:
         params["k_config"] = k_config
     engine = Engine.from_bundle(bundle, provider=provider.split(",") if provider else None, threads=threads, profile=profile,
@@ -369,7 +379,8 @@ def generate_cmd(prompt, prompt_file, bundle, algo, max_new_tokens, temperature,
               help="JSONL ({\"prompt\": ...} per line) or text (one prompt per line); default: the built-in set of "
                    "held-out stdlib function headers.")
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N prompts.")
-@click.option("--algos", default="ar,sps,mtad", show_default=True, help="Comma-separated algorithms.")
+@click.option("--algos", default="ar,sps,mtad", show_default=True,
+              help="Comma-separated algorithms; mcsd-tree is mcsd with the tree strategy.")
 @click.option("--temperatures", default="0,1", show_default=True, help="Comma-separated temperatures.")
 @click.option("--top-k", type=int, default=10, show_default=True, help="top-k at temperature > 0.")
 @click.option("--top-p", type=float, default=0.9, show_default=True, help="top-p at temperature > 0.")
@@ -397,9 +408,11 @@ def bench_cmd(bundle, prompts_file, limit, algos, temperatures, top_k, top_p, ma
     except ValueError:
         raise MjsdError(f"--temperatures {temperatures!r} must be comma-separated numbers, e.g. 0,1") from None
     algo_list = [a.strip() for a in algos.split(",") if a.strip()]
-    configs = [(f"{a} T={t:g}", GenerationConfig(algo=a, temperature=t, top_k=top_k if t else 0,
-                                                  top_p=top_p if t else 1.0, max_new_tokens=max_new_tokens,
-                                                  gamma=gamma, beam_width=beam_width, tau=tau, seed=0))
+    configs = [(f"{a} T={t:g}", GenerationConfig(algo="mcsd" if a == "mcsd-tree" else a, temperature=t,
+                                                  top_k=top_k if t else 0, top_p=top_p if t else 1.0,
+                                                  max_new_tokens=max_new_tokens, gamma=gamma, beam_width=beam_width,
+                                                  tau=tau, seed=0,
+                                                  mcsd_strategy="tree" if a == "mcsd-tree" else "batch"))
                for t in temps for a in algo_list]
     prompts = load_prompts(prompts_file, limit)
     engine = Engine.from_bundle(bundle, threads=threads, meter=None if meter == "none" else meter)

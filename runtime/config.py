@@ -28,7 +28,7 @@ class GenerationConfig:
     seed: int | None = None  # None = fresh entropy; an int makes sampling reproducible
     gamma: int = 4  # draft tokens per round (sps, mjsd, mtad)
     beam_width: int = 4  # draft beams (mjsd, mtad, mmtad)
-    tau: float = 0.5  # joint-likelihood acceptance threshold (mjsd, mtad)
+    tau: float = 0.5  # joint-likelihood acceptance threshold (mjsd, mtad, mmtad)
     k_config: tuple[int, ...] = (2, 2, 1)  # MCSD children per depth
     stop: tuple[str, ...] = ()  # stop strings (need a tokenizer to decode)
     ignore_eos: bool = False  # keep generating past EOS (benchmarks, like llama.cpp --ignore-eos)
@@ -77,6 +77,8 @@ class GenerationConfig:
                     total += width
                 return total
             return len(self.k_config)
+        if self.algo == "mmtad":  # every beam of every depth is a tree node
+            return self.gamma * self.beam_width
         return self.gamma
 
     def to_dict(self) -> dict:

@@ -8,12 +8,13 @@ from .driver import check_context, generate_ids, prefill, stream_ids
 from .mcsd import mcsd
 from .mjgd import mjgd
 from .mjsd import mjsd, mtad
+from .mmtad import mmtad
 from .sps import sps, sps_verify
 
 ALGORITHMS = {
     "ar": ar,
     "sps": sps,
-    "mjgd": mjgd, "mjsd": mjsd, "mtad": mtad, "mcsd": mcsd,
+    "mjgd": mjgd, "mjsd": mjsd, "mtad": mtad, "mmtad": mmtad, "mcsd": mcsd,
 }
 
 __all__ = ["ALGORITHMS", "DecodeContext", "ar", "check_context", "generate_ids", "prefill", "sps", "sps_verify", "stream_ids"]

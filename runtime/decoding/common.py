@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import GenerationConfig
+from ..errors import ConfigError
 from ..kvcache import KVCache
 from ..sampling import greedy, probs, sample, shared_vocab
 from ..session import ModelSession
@@ -46,3 +47,11 @@ class DecodeContext:
         if self.cfg.temperature == 0:
             return greedy(shared_vocab(logits, self.vocab_size))
         return sample(self.dist(logits), self.rng)
+
+
+def require_tree_attention(ctx: DecodeContext, what: str) -> None:
+    """Refuse a tree-verifying algorithm on a target graph without tree attention, naming the fix."""
+    if not ctx.target.spec.tree_attention:
+        raise ConfigError(f"{what} verifies a token tree in one target call and needs a target graph with tree "
+                          "attention, which this bundle lacks: re-export it with `mjsd export --tree-attention` "
+                          "(export_bundle(..., tree_attention=True))")
