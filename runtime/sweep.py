@@ -12,6 +12,7 @@ results (results.csv, results.json, summary.md, plots/*.png) are written and the
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import itertools
 import json
@@ -202,6 +203,11 @@ def run_sweep(run_dir: str | Path, *, on_cell: Callable[[int, dict], None] | Non
         return engines[budget]
 
     base = engine_for(None)
+    fingerprint = hashlib.sha256(json.dumps(base.bundle.manifest, sort_keys=True).encode()).hexdigest()
+    if plan.setdefault("bundle_sha256", fingerprint) != fingerprint:
+        raise ConfigError(f"the bundle changed since this run started ({plan['bundle'] or 'built-in'}): its cells "
+                          "would not be comparable; start a new run")
+    write_atomic(run / PLAN, json.dumps(plan, indent=1))
     machine = machine_info(base)
     for i in todo:
         cell = cells[i]

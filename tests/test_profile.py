@@ -150,6 +150,12 @@ def test_resume_skips_finished_cells(llama_bundle, prompt_file, tmp_path, monkey
     assert all((out / "cells" / name).read_bytes() == data for name, data in before.items())
     assert json.loads((out / "results.json").read_text())["cells_done"] == 5
     assert not part.exists()
+    plan = json.loads((out / "plan.json").read_text())
+    assert len(plan["bundle_sha256"]) == 64
+    plan["bundle_sha256"] = "0" * 64  # as if the bundle had been re-exported in between
+    (out / "plan.json").write_text(json.dumps(plan))
+    r = CliRunner().invoke(main, ["profile", "--resume", str(out)])
+    assert r.exit_code == 1 and "the bundle changed" in r.output
     r = _profile(["--resume", str(tmp_path / "nothing")])
     assert r.exit_code == 1 and "not a profile run directory" in r.output
 
