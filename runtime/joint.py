@@ -59,9 +59,9 @@ def _keep_greedy(picked: np.ndarray, greedy_beam: int, table: np.ndarray) -> tup
 
 
 def top_indices(x: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the n largest entries along the last axis, largest first (the first index on ties). For the few
-    beams or children a draft keeps, repeated argmax is far cheaper than a partition (0.01 ms vs 2 ms over
-    4 x 32000 entries)."""
+    """Indices of the n largest entries along the last axis, largest first (the first index on ties); n must not
+    exceed the number of entries above -inf. For the few beams or children a draft keeps, repeated argmax is far
+    cheaper than a partition (0.01 ms vs 2 ms over 4 x 32000 entries)."""
     if n > 32:
         return np.argsort(-x, axis=-1, kind="stable")[..., :n]
     x, out = np.array(x, dtype=np.float64), np.empty(x.shape[:-1] + (n,), dtype=np.int64)
@@ -80,7 +80,7 @@ def beam_search_step(cum_logq: np.ndarray, logq: np.ndarray, width: int, greedy_
     """
     scores = cum_logq[:, None] + logq
     flat = scores.ravel()
-    n = min(width, int(np.isfinite(flat).sum()))
+    n = min(width, int(np.isfinite(flat).sum()))  # filtered-out tokens never make a beam
     picked = top_indices(flat, n)
     picked, greedy = _keep_greedy(picked, greedy_beam, logq)
     parents, tokens = np.divmod(picked, logq.shape[1])

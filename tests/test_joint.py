@@ -64,7 +64,7 @@ def test_beam_search_skips_filtered_tokens():
 def test_top_indices_match_a_stable_sort():
     x = np.random.default_rng(0).integers(0, 5, size=(3, 40)).astype(np.float32)  # many ties
     x[0, :3] = -np.inf
-    for n in (1, 4, 33, 40):
+    for n in (1, 4, 32, 33, 37):  # up to the 37 finite entries of row 0
         want = np.argsort(-x, axis=-1, kind="stable")[:, :n]
         assert (top_indices(x, n) == want).all() and (top_indices(x[1], n) == want[1]).all()
 
