@@ -46,9 +46,9 @@ def select_providers(preference: list[str], available: list[str]) -> tuple[list[
 
 def _shapes(spec: ModelSpec, batch: int, seq: int, past: int, total: int) -> str:
     """A TensorRT shape-profile string: 'input_ids:BxS,attention_mask:BxT,...,past_key_values...:BxHxPxD'."""
-    dims = {"input_ids": (batch, seq), "attention_mask": (batch, total), "position_ids": (batch, seq)}
-    parts = [f"{n}:{'x'.join(map(str, dims[n]))}" for n in ("input_ids", "attention_mask", "position_ids")
-             if n in spec.inputs]
+    dims = {"input_ids": (batch, seq), "attention_mask": (batch, total), "position_ids": (batch, seq),
+            "attention_bias": (batch, 1, seq, total)}  # the 4-D bias of tree-attention graphs
+    parts = [f"{n}:{'x'.join(map(str, d))}" for n, d in dims.items() if n in spec.inputs]
     kv = f"{batch}x{spec.num_kv_heads}x{past}x{spec.head_dim}"
     parts += [f"{name}:{kv}" for pair in spec.past_names() for name in pair]
     return ",".join(parts)

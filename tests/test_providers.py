@@ -10,8 +10,9 @@ from mjsd.runtime.providers import provider_options, select_providers
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 
 
-def spec(layers=2, gpt2=False):
+def spec(layers=2, gpt2=False, tree=False):
     inputs = ["input_ids", "attention_mask"] + ([] if gpt2 else ["position_ids"])
+    inputs = ["input_ids", "position_ids", "attention_bias"] if tree else inputs
     inputs += [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     return ModelSpec("target", Path("/b"), dict(path="target/model.onnx", num_layers=layers, num_kv_heads=2,
                                                 head_dim=16, vocab_size=300, max_context=256, dtype="float32",
@@ -65,6 +66,9 @@ def test_tensorrt_profiles_cover_prefill_and_decode():
 def test_tensorrt_profiles_follow_graph_inputs():
     o = provider_options("tensorrt", spec(gpt2=True), max_context=64)
     assert "position_ids" not in o["trt_profile_min_shapes"]
+    o = provider_options("tensorrt", spec(tree=True), max_context=64, max_batch=2)
+    assert o["trt_profile_max_shapes"].startswith("input_ids:2x64,position_ids:2x64,attention_bias:2x1x64x64,")
+    assert "attention_mask" not in o["trt_profile_max_shapes"]
 
 
 def test_bad_limits_refused():
