@@ -1,6 +1,7 @@
 """Tree attention: the tree-capable export, tree masks, KV path selection, MMTAD and the MCSD tree strategy, on real
 exported graphs (the llama bundles have GQA: 4 heads over 2 KV heads)."""
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -293,3 +294,19 @@ def test_tree_algorithms_are_refused_without_a_tree_graph(llama_bundle):
 def test_mmtad_lookahead_counts_every_node():
     assert GenerationConfig(algo="mmtad", gamma=3, beam_width=4).lookahead == 12
     assert dataclasses.replace(GenerationConfig(algo="mtad", gamma=3), beam_width=4).lookahead == 3
+
+
+def test_cli_generate_with_the_tree_algorithms(llama_tree_bundle, llama_bundle):
+    def run(bundle, *args):
+        res = CliRunner().invoke(main, ["generate", "def main():", "--bundle", str(bundle), "-n", "10",
+                                        "--ignore-eos", "--json", *args])
+        return res.exit_code, res.output
+
+    code, out = run(llama_tree_bundle, "--algo", "ar")
+    greedy = json.loads(out)["tokens"]
+    code, out = run(llama_tree_bundle, "--algo", "mcsd", "--mcsd-strategy", "tree")
+    assert code == 0 and json.loads(out)["tokens"] == greedy
+    code, out = run(llama_tree_bundle, "--algo", "mmtad", "--beam-width", "2")
+    assert code == 0 and json.loads(out)["stats"]["algo"] == "mmtad"
+    code, out = run(llama_bundle, "--algo", "mmtad")
+    assert code == 1 and "--tree-attention" in out
