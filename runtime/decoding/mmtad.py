@@ -41,8 +41,8 @@ def path_logp(parents: np.ndarray, token_logp: np.ndarray) -> np.ndarray:
 def draft_tree(ctx: DecodeContext, sampling: bool):
     """Beam-decode gamma draft steps, keeping every beam of every depth as a tree node (level by level).
 
-    Returns tokens [N], parents [N] (-1 at depth 1), each node's path logQ [N], and rows [R, gamma-1]: the nodes
-    at depths 1..gamma-1 that each row the draft cache ends with has been fed (the deepest level is never fed)."""
+    Returns tokens [N], parents [N] (-1 at depth 1), each node's path logQ [N], and rows [R, gamma-1]: for each row
+    the draft cache ends with, the nodes of depths 1..gamma-1 it holds (the deepest level is never fed)."""
     cache, width = ctx.draft_cache, ctx.cfg.beam_width
     feed = [ctx.unfed(cache)]
     tokens, parents, logq_path = [], [], []  # per depth
@@ -90,7 +90,7 @@ def _rounds(ctx: DecodeContext, sampling: bool) -> Iterator[list[int]]:
         # the draft keeps the row sharing most of the path (a beam may have died out); it feeds the rest next round
         shared = (rows[:, :len(path)] == np.array(path[:rows.shape[1]], np.int64)).cumprod(axis=1).sum(axis=1)
         ctx.draft_cache.gather([int(np.argmax(shared))])
-        ctx.draft_cache.crop(min(ctx.draft_cache.length, base + int(shared.max())))
+        ctx.draft_cache.crop(base + int(shared.max()))
         n = len(path)
         ctx.stats.record_round(gamma, n)
         new = tokens[path].tolist() + [token]
