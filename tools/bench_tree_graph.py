@@ -1,11 +1,14 @@
 """Per-call cost of the tree-attention target graph vs the standard (optimum) graph of the same checkpoint.
 
     python tools/bench_tree_graph.py STANDARD_BUNDLE TREE_BUNDLE [--past 128] [--repeats 200] [--threads 2]
+                                     [--generate N]
 
 Both bundles must come from the same checkpoints (`mjsd export` with and without --tree-attention). Calls are
 interleaved (standard, tree, standard, ...) after a past of --past tokens, and the median ms per call is printed for
 the shapes the algorithms use: AR (1 token), SpS/MTAD verification (1 + gamma tokens in a row), MCSD batch (one row
-per path) and the same work as one tree sequence, MMTAD (W x gamma nodes). Wrap in `flock /tmp/mjsd-bench.lock`.
+per path) and the same work as one tree sequence, MMTAD (W x gamma nodes). --generate N adds end-to-end AR and SpS
+generations (greedy, 64 tokens) on N built-in prompts with each bundle, interleaved by runtime/bench.py's run_bench.
+Wrap in `flock /tmp/mjsd-bench.lock`.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ def main() -> None:
     ap.add_argument("--past", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--generate", type=int, default=0, help="prompts for the end-to-end AR/SpS comparison")
     args = ap.parse_args()
     std, tre = (ModelSession(load_bundle(p).target, threads=args.threads) for p in (args.standard, args.tree))
     rng = np.random.default_rng(0)
@@ -66,7 +70,26 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
         results[case] = {k: round(1e3 * float(np.median(v)), 3) for k, v in times.items()}
         print(f"{case:<55} standard {results[case]['standard']:7.3f} ms   tree graph {results[case]['tree']:7.3f} ms")
-    print(json.dumps({"past": args.past, "repeats": args.repeats, "threads": args.threads, "median_ms": results}))
+    out = {"past": args.past, "repeats": args.repeats, "threads": args.threads, "median_ms": results}
+    if args.generate:
+        out["generate"] = generate(args)
+    print(json.dumps(out))
+
+
+def generate(args) -> list[dict]:
+    """AR and SpS on both bundles, interleaved over the built-in prompts; tokens/s per configuration."""
+    from mjsd.runtime.bench import format_table, load_prompts, run_bench
+    from mjsd.runtime.config import GenerationConfig
+    from mjsd.runtime.engine import Engine
+
+    engines = {graph: Engine.from_bundle(path, threads=args.threads, meter=None)
+               for graph, path in (("standard", args.standard), ("tree", args.tree))}
+    configs = [(f"{algo} {graph} graph", GenerationConfig(algo=algo, max_new_tokens=64, seed=0))
+               for algo in ("ar", "sps") for graph in engines]
+    summaries = run_bench(engines["standard"], load_prompts(limit=args.generate), configs,
+                          engines={name: engines[name.split()[1]] for name, _ in configs})
+    print(format_table(summaries))
+    return [{k: s[k] for k in ("name", "tokens_per_s", "mean_accepted_length", "perplexity")} for s in summaries]
 
 
 def _clone(cache):
