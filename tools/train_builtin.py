@@ -153,7 +153,7 @@ def train(name: str, model, loss_fn, stream: np.ndarray, args, lr: float, steps:
     t0 = time.time()
     t_probe = None
     model.train()
-    step = 0
+    step, recent = 0, []
     while step < total:
         x = next(data)
         for g in opt.param_groups:
@@ -165,15 +165,18 @@ def train(name: str, model, loss_fn, stream: np.ndarray, args, lr: float, steps:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
+        recent = [*recent[-9:], loss.item()]
         if step == 3:
             t_probe = time.time()
         if steps is None and step == 13:
             per_step = (time.time() - t_probe) / 10
             total = max(warmup + 1, int((minutes * 60 - (time.time() - t0)) / per_step) + step)
             log(f"{name}: {per_step:.2f} s/step -> {total} steps planned for {minutes} min")
-        if step % 50 == 0 or step == total:
+        if step % 200 == 0:  # a checkpoint to fall back on if the machine gets too slow to finish
+            model.save_pretrained(args.work / f"{name}-step{step}")
+        if step % 10 == 0 or step == total:
             el = time.time() - t0
-            log(f"{name}: step {step}/{total} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e} "
+            log(f"{name}: step {step}/{total} loss {sum(recent) / len(recent):.4f} (mean of 10) lr {opt.param_groups[0]['lr']:.2e} "
                 f"{step * args.batch * args.seq_len / el:.0f} tok/s elapsed {el / 60:.1f} min")
     el = time.time() - t0
     return {"steps": step, "seconds": round(el), "tokens": step * args.batch * args.seq_len,
@@ -255,8 +258,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--lr-target", type=float, default=1.5e-3)
-    ap.add_argument("--lr-draft", type=float, default=3e-3)
+    ap.add_argument("--lr-target", type=float, default=8e-4)
+    ap.add_argument("--lr-draft", type=float, default=2e-3)
     ap.add_argument("--eval-tokens", type=int, default=131072)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
