@@ -1,8 +1,8 @@
 """Build one model's ONNX graph and transform it (int8 weights, fp16), and read its I/O back.
 
-`build_decoder_graph` is the graph builder used today (optimum's text-generation-with-past decoder: one graph for
-prefill and multi-token decode). A tree-attention builder (4-D additive bias) can be added beside it with the same
-signature, (checkpoint folder, output folder) -> graph path.
+`build_decoder_graph` is the standard graph builder (optimum's text-generation-with-past decoder: one graph for
+prefill and multi-token decode); tree_graph.py's `build_tree_graph` (4-D additive bias, for tree verification) has the
+same signature, (checkpoint folder, output folder) -> graph path.
 """
 from __future__ import annotations
 
