@@ -18,8 +18,8 @@ from mjsd.runtime.tree import BIAS
 from .graph import GRAPH, OPSET, _quiet
 from .sources import reason
 
-# The architectures this builder is tested on; others are tried and left to validation.
-TESTED = ("llama",)
+# The architectures the tests export this way; others are tried and left to validation.
+TESTED = ("llama", "gpt2")
 
 
 def _wrapper(model, num_layers: int):

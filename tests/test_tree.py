@@ -310,3 +310,16 @@ def test_cli_generate_with_the_tree_algorithms(llama_tree_bundle, llama_bundle):
     assert code == 0 and json.loads(out)["stats"]["algo"] == "mmtad"
     code, out = run(llama_bundle, "--algo", "mmtad")
     assert code == 1 and "--tree-attention" in out
+
+
+def test_gpt2_exports_a_tree_graph_too(gpt2_checkpoints, tmp_path):
+    from mjsd.export import export_bundle
+
+    manifest = export_bundle(*gpt2_checkpoints, tmp_path / "b", progress=False, tree_attention=True)
+    assert manifest["models"]["target"]["validation"]["tree"]["rel"] < 1e-5
+    b = load_bundle(tmp_path / "b")
+    target, draft = ModelSession(b.target, threads=1), ModelSession(b.draft, threads=1)
+    greedy, _ = generate_ids(target, [1, 17, 42], GenerationConfig(algo="ar", max_new_tokens=12))
+    out, _ = generate_ids(target, [1, 17, 42], GenerationConfig(algo="mcsd", mcsd_strategy="tree",
+                                                                max_new_tokens=12), draft=draft)
+    assert out == greedy
