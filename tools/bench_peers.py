@@ -86,14 +86,31 @@ class HF:
         import torch
         from transformers import AutoModelForCausalLM, GenerationConfig
 
-        torch.set_num_threads(threads)
         self.torch = torch
         self.target = AutoModelForCausalLM.from_pretrained(checkpoints / "target").eval()
+        self.threads = self.best_threads(threads)
         self.draft = AutoModelForCausalLM.from_pretrained(checkpoints / "draft").eval()
         eot = self.target.config.eos_token_id
         for m in (self.target, self.draft):  # generate() fills unset values from these: no EOS at all
             m.generation_config.eos_token_id, m.generation_config.pad_token_id = None, eot
         self.config = GenerationConfig(eos_token_id=None, pad_token_id=eot)
+
+    def best_threads(self, threads: int) -> int:
+        """1 or `threads` torch threads, whichever runs a 1-token forward faster here: OpenMP's busy-waiting makes
+        2 threads many times slower than 1 when another process holds a core (measured on this VM)."""
+        x = self.torch.arange(5, 69)[None]
+        best = {}
+        for t in sorted({1, threads}):
+            self.torch.set_num_threads(t)
+            with self.torch.inference_mode():
+                self.target(x)
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    self.target(x[:, :1])
+                best[t] = time.perf_counter() - t0
+        choice = min(best, key=best.get)
+        self.torch.set_num_threads(choice)
+        return choice
 
     def generate(self, ids: list[int], n: int, gamma: int | None) -> dict:
         x = self.torch.tensor([ids])
@@ -118,6 +135,38 @@ def weights_check(engine: Engine, hf: HF, ids: list[int]) -> float:
     """max |logit diff| between the mjsd target graph and the HF target checkpoint over one prompt."""
     mine = engine.target.forward(np.asarray([ids], np.int64), engine.target.new_cache())[0]
     return float(np.abs(mine[:, :hf.logits(ids).shape[1]] - hf.logits(ids)).max())
+
+
+def graph_cost(path: Path, threads: int, past: int = 128, reps: int = 200) -> dict:
+    """Nodes and ms per 1-token call (past `past`) of one graph in plain onnxruntime, same session options."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    feeds = {}
+    for i in sess.get_inputs():
+        if i.name == "input_ids":
+            feeds[i.name] = np.array([[7]], np.int64)
+        elif i.name == "attention_mask":
+            feeds[i.name] = np.ones((1, past + 1), np.int64)
+        elif i.name == "position_ids":
+            feeds[i.name] = np.array([[past]], np.int64)
+        else:  # past_key_values.{i}.key/value [1, kv_heads, past, head_dim]; genai's head_dim is symbolic
+            head = i.shape[3] if isinstance(i.shape[3], int) else json.loads(
+                (path.parent / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
+            feeds[i.name] = np.zeros((1, i.shape[1], past, head), np.float32)
+    for _ in range(20):
+        sess.run(None, feeds)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        sess.run(None, feeds)
+    ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+    fused = sorted({o for o in ops if o in ("GroupQueryAttention", "SkipSimplifiedLayerNormalization",
+                                            "SimplifiedLayerNormalization", "RotaryEmbedding", "MultiHeadAttention")})
+    return {"nodes": len(ops), "fused_ops": fused, "ms_per_call": 1e3 * (time.perf_counter() - t0) / reps}
 
 
 def default_cache(checkpoints: Path) -> Path:
@@ -181,11 +230,13 @@ def main() -> None:
     if not args.skip_hf:
         hf = HF(args.checkpoints, args.threads)
         report["weights_max_abs_logit_diff"] = weights_check(engine, hf, ids_list[0])
+        report["hf_torch_threads"] = hf.threads
         systems["hf ar"] = lambda ids: hf.generate(ids, n, None)
         systems["hf assisted"] = lambda ids: hf.generate(ids, n, gamma)
     if not args.skip_ortgenai:
         py = ensure_venv(args.ortgenai_venv)
-        ortg = OrtGenAI(py, args.checkpoints, args.ortgenai_cache or default_cache(args.checkpoints), args.threads)
+        cache = args.ortgenai_cache or default_cache(args.checkpoints)
+        ortg = OrtGenAI(py, args.checkpoints, cache, args.threads)
         report["versions"]["onnxruntime-genai"] = ortg.version
         systems["ortgenai ar"] = lambda ids: ortg.generate("ar", ids, n, gamma)
         systems["ortgenai spec"] = lambda ids: ortg.generate("spec", ids, n, gamma)
@@ -210,6 +261,12 @@ def main() -> None:
         if ortg:
             ortg.close()
     report["systems"] = summarise(seconds, tokens, extra, n)
+    if ortg:
+        report["graph_costs"] = {role: {"mjsd (optimum export)": graph_cost(engine.bundle.model(role).path,
+                                                                             args.threads),
+                                        "onnxruntime-genai builder": graph_cost(cache / role / "model.onnx",
+                                                                                args.threads)}
+                                 for role in ("target", "draft")}
     report["ratios"] = ratios(report["systems"])
     if not args.skip_claims:
         report["claims"] = claims(engine, args, prompts)
@@ -300,7 +357,8 @@ def markdown(r: dict) -> str:
              f"gamma {r['gamma']}, mtad W={r['beam_width']} tau={r['tau']}"]
     if "weights_max_abs_logit_diff" in r:
         lines.append(f"weights check: max |logit diff| mjsd target vs HF checkpoint = "
-                     f"{r['weights_max_abs_logit_diff']:.2g}")
+                     f"{r['weights_max_abs_logit_diff']:.2g}; HF runs with {r['hf_torch_threads']} torch thread(s) "
+                     "(the faster of 1 and --threads here)")
     lines += ["", "| system | tokens/s | ms/token | mean accepted length | ms/target call | ms/draft call | "
               "same tokens as mjsd ar |", "|---|---|---|---|---|---|---|"]
 
@@ -311,6 +369,13 @@ def markdown(r: dict) -> str:
         lines.append(f"| {name} | {s['tokens_per_s']:.1f} | {s['ms_per_token']:.2f} | "
                      f"{f(s.get('mean_accepted_length'), '.2f')} | {f(s.get('ms_per_target_call'), '.2f')} | "
                      f"{f(s.get('ms_per_draft_call'), '.3f')} | {f(s.get('same_tokens_as_mjsd_ar'), '.0%')} |")
+    if "graph_costs" in r:
+        lines += ["", "| graph (1 token, past 128, plain onnxruntime) | nodes | fused ops | ms/call |",
+                  "|---|---|---|---|"]
+        for role, g in r["graph_costs"].items():
+            for name, c in g.items():
+                lines.append(f"| {role}: {name} | {c['nodes']} | {', '.join(c['fused_ops']) or '-'} | "
+                             f"{c['ms_per_call']:.3f} |")
     lines += ["", "| ratio (tokens/s) | value |", "|---|---|"]
     lines += [f"| {k} | {v:.2f}x |" for k, v in r["ratios"].items()]
     if "claims" in r:
