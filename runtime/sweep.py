@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -161,8 +162,6 @@ def create_run(run_dir: str | Path, cells: list[Cell], prompts: list[str], *, bu
         if not force:
             raise ConfigError(f"{final if final.exists() else part} exists: continue it with --resume, or pass "
                               "--force to start over")
-        import shutil
-
         for p in (final, part):
             shutil.rmtree(p, ignore_errors=True)
     final.parent.mkdir(parents=True, exist_ok=True)
