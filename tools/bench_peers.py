@@ -126,15 +126,20 @@ class HF:
             seconds = time.perf_counter() - t0
         return {"tokens": out[0, len(ids):].tolist(), "seconds": seconds}
 
-    def logits(self, ids: list[int]) -> np.ndarray:
+    def logits(self, role: str, ids: list[int]) -> np.ndarray:
         with self.torch.inference_mode():
-            return self.target(self.torch.tensor([ids])).logits[0].numpy()
+            return getattr(self, role)(self.torch.tensor([ids])).logits[0].numpy()
 
 
-def weights_check(engine: Engine, hf: HF, ids: list[int]) -> float:
-    """max |logit diff| between the mjsd target graph and the HF target checkpoint over one prompt."""
-    mine = engine.target.forward(np.asarray([ids], np.int64), engine.target.new_cache())[0]
-    return float(np.abs(mine[:, :hf.logits(ids).shape[1]] - hf.logits(ids)).max())
+def weights_check(engine: Engine, hf: HF, ids: list[int]) -> dict:
+    """max |logit diff| between each mjsd graph and its HF checkpoint over one prompt: the same weights?"""
+    out = {}
+    for role in ("target", "draft"):
+        sess = getattr(engine, role)
+        mine = sess.forward(np.asarray([ids], np.int64), sess.new_cache())[0]
+        ref = hf.logits(role, ids)
+        out[role] = float(np.abs(mine[:, :ref.shape[1]] - ref).max())
+    return out
 
 
 def graph_cost(path: Path, threads: int, past: int = 128, reps: int = 200) -> dict:
@@ -356,8 +361,9 @@ def markdown(r: dict) -> str:
              f"{r['prompts']} prompts x {r['max_new_tokens']} new tokens x {r['repeats']} pass(es), greedy, "
              f"gamma {r['gamma']}, mtad W={r['beam_width']} tau={r['tau']}"]
     if "weights_max_abs_logit_diff" in r:
-        lines.append(f"weights check: max |logit diff| mjsd target vs HF checkpoint = "
-                     f"{r['weights_max_abs_logit_diff']:.2g}; HF runs with {r['hf_torch_threads']} torch thread(s) "
+        w = r["weights_max_abs_logit_diff"]
+        lines.append(f"weights check: max |logit diff| mjsd vs HF checkpoint: target {w['target']:.2g}, draft "
+                     f"{w['draft']:.2g}; HF runs with {r['hf_torch_threads']} torch thread(s) "
                      "(the faster of 1 and --threads here)")
     lines += ["", "| system | tokens/s | ms/token | mean accepted length | ms/target call | ms/draft call | "
               "same tokens as mjsd ar |", "|---|---|---|---|---|---|---|"]
