@@ -167,17 +167,17 @@ class Engine:
             stats.controller = [d.to_dict() for d in tuner.controller.history]
 
 
-TUNABLE = ("sps", "mjsd", "mtad")  # algorithms whose gamma (and beam width) the power controller may change
+TUNABLE = ("sps", "mjsd", "mtad", "mmtad")  # algorithms whose gamma (and beam width) the power controller may change
 
 
 class BudgetTuner:
     """Feeds each round's outcome to a PowerController and applies its (beam width, gamma) to the next round.
 
-    gamma never exceeds the configured gamma, whose lookahead the context check reserved up front.
+    gamma and beam width never exceed the configured ones, whose lookahead the context check reserved up front.
     """
 
-    def __init__(self, controller, max_gamma: int):
-        self.controller, self.max_gamma = controller, max_gamma
+    def __init__(self, controller, max_gamma: int, max_width: int):
+        self.controller, self.max_gamma, self.max_width = controller, max_gamma, max_width
         self.monitor = None
         self._last: tuple[float, float] | None = None
 
@@ -188,7 +188,7 @@ class BudgetTuner:
             self.controller.observe(ctx.cfg.beam_width, ctx.cfg.gamma, len(new), now[0] - self._last[0],
                                     joules=now[1] - self._last[1], accepted=len(new) - 1, drafted=ctx.cfg.gamma)
         width, gamma = self.controller.choose()
-        ctx.cfg = replace(ctx.cfg, beam_width=width, gamma=min(gamma, self.max_gamma))
+        ctx.cfg = replace(ctx.cfg, beam_width=min(width, self.max_width), gamma=min(gamma, self.max_gamma))
         self._last = now
 
 
@@ -199,9 +199,13 @@ def _controller_factory(profile, power_budget: float | None, objective: str | No
     prof = profile or load_profile("generic-cpu")
 
     def make(cfg: GenerationConfig) -> BudgetTuner:
-        ctl = PowerController.from_profile(prof, budget_w=power_budget)
-        if objective is not None:
-            ctl.objective = objective
-        return BudgetTuner(ctl, cfg.gamma)
+        # only configurations within the run's gamma and beam width: their lookahead was reserved up front
+        c = prof.controller
+        widths = [w for w in c.widths if w <= cfg.beam_width] or [cfg.beam_width]
+        gammas = [g for g in c.gammas if g <= cfg.gamma] or [cfg.gamma]
+        start = (min(c.start[0], widths[-1]), min(c.start[1], gammas[-1]))  # the profile's start, clamped
+        budget = power_budget if power_budget is not None else prof.budget_w()
+        ctl = PowerController(widths, gammas, budget, objective or c.objective, start, c.ewma, c.dwell_rounds)
+        return BudgetTuner(ctl, cfg.gamma, cfg.beam_width)
 
     return make

@@ -324,7 +324,8 @@ def main() -> None:
     from mjsd.export import export_bundle
 
     log(f"exporting to {args.out}")
-    export_bundle(tdir, ddir, args.out, force=True)
+    # the tree-attention target graph costs no speed for AR/SpS (tools/bench_tree_graph.py) and enables mmtad
+    export_bundle(tdir, ddir, args.out, force=True, tree_attention=True)
     provenance = {
         "corpus": {"python": platform.python_version(), "stdlib": str(root), "files": len(rels),
                    "train_files": len(train_texts), "validation_files": len(val_texts),
