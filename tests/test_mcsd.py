@@ -114,18 +114,22 @@ def _first_two_tokens(target, draft, prompt, cfg, n):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("replacement", [True, False])
-def test_sampled_mcsd_follows_the_target_distribution_on_real_graphs(tiny_vocab_bundle, monkeypatch, replacement):
+@pytest.mark.parametrize("strategy, replacement, bundle", [("batch", True, "tiny_vocab_bundle"),
+                                                           ("batch", False, "tiny_vocab_bundle"),
+                                                           ("tree", False, "tiny_vocab_tree_bundle")])
+def test_sampled_mcsd_follows_the_target_distribution_on_real_graphs(request, monkeypatch, strategy, replacement,
+                                                                     bundle):
     """The real tiny-vocab target and its (very different, TV 0.48) draft: the 1st token must follow p(.|x), the
     2nd the marginal sum_a p(a|x) p(.|x,a). Chi-square with 11 degrees of freedom each: P(> 40) < 1e-4; the
     plain-target fallback instead of the residual scores in the hundreds."""
-    b = load_bundle(tiny_vocab_bundle)
+    b = load_bundle(request.getfixturevalue(bundle))
     target, draft = ModelSession(b.target, threads=1), ModelSession(b.draft, threads=1)
     vocab, prompt = b.vocab_size, [1, 5, 6]
     p1 = probs(target.forward([prompt], target.new_cache())[0, -1, :vocab])
     p2 = probs(target.forward([prompt + [a] for a in range(vocab)], target.new_cache(vocab))[:, -1, :vocab])
     expected = np.stack([p1, p1 @ p2])
-    cfg = GenerationConfig(algo="mcsd", temperature=1.0, k_config=(2, 2), mcsd_replacement=replacement, seed=1)
+    cfg = GenerationConfig(algo="mcsd", temperature=1.0, k_config=(2, 2), mcsd_replacement=replacement,
+                           mcsd_strategy=strategy, seed=1)
     n = 2000
 
     def chi2():
