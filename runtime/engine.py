@@ -173,11 +173,11 @@ TUNABLE = ("sps", "mjsd", "mtad", "mmtad")  # algorithms whose gamma (and beam w
 class BudgetTuner:
     """Feeds each round's outcome to a PowerController and applies its (beam width, gamma) to the next round.
 
-    gamma and beam width never exceed the configured ones, whose lookahead the context check reserved up front.
+    The controller offers no gamma or beam width above the run's own: the context check reserved only their lookahead.
     """
 
-    def __init__(self, controller, max_gamma: int, max_width: int):
-        self.controller, self.max_gamma, self.max_width = controller, max_gamma, max_width
+    def __init__(self, controller):
+        self.controller = controller
         self.monitor = None
         self._last: tuple[float, float] | None = None
 
@@ -188,7 +188,7 @@ class BudgetTuner:
             self.controller.observe(ctx.cfg.beam_width, ctx.cfg.gamma, len(new), now[0] - self._last[0],
                                     joules=now[1] - self._last[1], accepted=len(new) - 1, drafted=ctx.cfg.gamma)
         width, gamma = self.controller.choose()
-        ctx.cfg = replace(ctx.cfg, beam_width=min(width, self.max_width), gamma=min(gamma, self.max_gamma))
+        ctx.cfg = replace(ctx.cfg, beam_width=width, gamma=gamma)
         self._last = now
 
 
@@ -199,13 +199,8 @@ def _controller_factory(profile, power_budget: float | None, objective: str | No
     prof = profile or load_profile("generic-cpu")
 
     def make(cfg: GenerationConfig) -> BudgetTuner:
-        # only configurations within the run's gamma and beam width: their lookahead was reserved up front
-        c = prof.controller
-        widths = [w for w in c.widths if w <= cfg.beam_width] or [cfg.beam_width]
-        gammas = [g for g in c.gammas if g <= cfg.gamma] or [cfg.gamma]
-        start = (min(c.start[0], widths[-1]), min(c.start[1], gammas[-1]))  # the profile's start, clamped
-        budget = power_budget if power_budget is not None else prof.budget_w()
-        ctl = PowerController(widths, gammas, budget, objective or c.objective, start, c.ewma, c.dwell_rounds)
-        return BudgetTuner(ctl, cfg.gamma, cfg.beam_width)
+        ctl = PowerController.from_profile(prof, power_budget, objective=objective, max_width=cfg.beam_width,
+                                           max_gamma=cfg.gamma)
+        return BudgetTuner(ctl)
 
     return make

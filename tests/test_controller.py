@@ -134,3 +134,9 @@ def test_bad_arguments_are_config_errors():
         ctl.observe(1, 3, tokens=2, seconds=0.1)
     with pytest.raises(ConfigError, match="seconds > 0"):
         ctl.observe(1, 3, tokens=2, seconds=0.0, watts=5.0)
+
+
+def test_from_profile_offers_nothing_above_the_runs_gamma_and_width():
+    ctl = PowerController.from_profile(load_profile("generic-cpu"), 20.0, max_width=2, max_gamma=3)
+    assert max(ctl.widths) <= 2 and max(ctl.gammas) <= 3 and ctl.choose() in [(w, g) for w in ctl.widths
+                                                                               for g in ctl.gammas]

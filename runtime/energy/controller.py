@@ -142,11 +142,17 @@ class PowerController:
         self._record("start")
 
     @classmethod
-    def from_profile(cls, profile, budget_w: float | None = None, mode: str | None = None) -> PowerController:
-        """A controller with the profile's defaults; the budget is `budget_w` or the power mode's."""
+    def from_profile(cls, profile, budget_w: float | None = None, mode: str | None = None,
+                     objective: str | None = None, max_width: int | None = None,
+                     max_gamma: int | None = None) -> PowerController:
+        """A controller with the profile's defaults; the budget is `budget_w` or the power mode's. max_width /
+        max_gamma drop larger configurations (a run reserves its context for its own gamma and beam width)."""
         c = profile.controller
-        return cls(c.widths, c.gammas, budget_w if budget_w is not None else profile.budget_w(mode), c.objective,
-                   c.start, c.ewma, c.dwell_rounds)
+        widths = [w for w in c.widths if max_width is None or w <= max_width] or [max_width]
+        gammas = [g for g in c.gammas if max_gamma is None or g <= max_gamma] or [max_gamma]
+        start = (min(c.start[0], widths[-1]), min(c.start[1], gammas[-1]))  # the profile's start, clamped
+        return cls(widths, gammas, budget_w if budget_w is not None else profile.budget_w(mode),
+                   objective or c.objective, start, c.ewma, c.dwell_rounds)
 
     # --- public API -------------------------------------------------------------------------------------------
     def choose(self) -> tuple[int, int]:
