@@ -142,7 +142,8 @@ def inspect_cmd(bundle, as_json, no_verify):
 # --- power / profiles: check a device's meters, list device profiles (runtime/energy, runtime/profiles) --------------
 
 def _format_modes(profile) -> str:
-    return ", ".join(f"{m.name} {m.budget_w:g} W" + (" (default)" if m.name == profile.default_mode else "")
+    return ", ".join(f"{m.name} " + (f"{m.budget_w:g} W" if m.budget_w else "no budget")
+                     + (" (default)" if m.name == profile.default_mode else "")
                      for m in profile.modes.values()) or "none"
 
 
@@ -215,6 +216,8 @@ def power_cmd(profile_name, meter, duration, hz, as_json):
         for d in found:
             detail = json.dumps(d.meter.describe()) if d.meter else d.detail
             click.echo(f"{d.backend:<9} {'ok  ' if d.meter else 'no  '} {detail}")
+        if meters and "rule" in meters[0].describe():  # which rails make up the total, and why
+            click.echo(f"total     {meters[0].describe()['total']} ({meters[0].describe()['rule']})")
         if out.get("missing_rails"):
             click.echo(f"warning: rails {out['missing_rails']} named by profile {profile.name} are not on this device")
     sampler = Sampler(meters, hz or (profile.sample_hz if profile else 50.0))
@@ -226,12 +229,15 @@ def power_cmd(profile_name, meter, duration, hz, as_json):
             mark = sampler.mark()
             r = sampler.last
             reading = {"t": round(mark.t - start.t, 3), "watts": (mark.energy_j - prev.energy_j) / (mark.t - prev.t),
-                       "source": sampler.meter.name, "rails": dict(r.rails) if r else {}}
+                       "source": sampler.meter.name, "rails": dict(r.rails) if r else {},
+                       "carrier": dict(r.carrier) if r else {}, "degraded": r.degraded if r else None}
             out["readings"].append(reading)
             peak = max(peak, mark.peak_w, reading["watts"])  # instantaneous peak for power meters
             if not as_json:
                 rails = "  ".join(f"{k} {v:.2f} W" for k, v in reading["rails"].items())
-                label = " (estimated)" if sampler.meter.estimated else ""
+                if reading["carrier"]:
+                    rails += "  | carrier " + "  ".join(f"{k} {v:.2f} W" for k, v in reading["carrier"].items())
+                label = " (estimated)" if sampler.meter.estimated else " (DEGRADED)" if reading["degraded"] else ""
                 click.echo(f"t={reading['t']:5.2f} s  {reading['watts']:7.2f} W{label}  {rails}")
             prev = mark
     finally:
@@ -240,6 +246,7 @@ def power_cmd(profile_name, meter, duration, hz, as_json):
             m.close()
     seconds = end.t - start.t
     out.update(source=" -> ".join(sampler.sources), estimated=sampler.estimated, seconds=seconds,
+               degraded=sampler.degraded,
                energy_j=end.energy_j - start.energy_j, warnings=sampler.warnings,
                avg_w=(end.energy_j - start.energy_j) / seconds if seconds > 0 else None,
                peak_w=peak if out["readings"] else None)

@@ -69,6 +69,8 @@ class TextStream:
 
 
 class Engine:
+    sample_hz = 50.0  # power sampling rate; from_bundle takes the profile's
+
     def __init__(self, bundle: Bundle, target: ModelSession, draft: ModelSession, *, meters=None, idle_w=None,
                  controller_factory=None):
         self.bundle, self.target, self.draft = bundle, target, draft
@@ -112,7 +114,9 @@ class Engine:
             if meters is None:
                 raise ConfigError("a power budget or objective needs energy readings: do not disable the meter")
             factory = _controller_factory(prof, power_budget, objective)
-        return cls(bundle, *sessions, meters=meters, idle_w=idle_w, controller_factory=factory)
+        engine = cls(bundle, *sessions, meters=meters, idle_w=idle_w, controller_factory=factory)
+        engine.sample_hz = prof.sample_hz if prof is not None else Engine.sample_hz
+        return engine
 
     # --- text <-> ids -----------------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -158,7 +162,7 @@ class Engine:
             return
         from .energy import EnergyMonitor
 
-        with EnergyMonitor(self.meters, idle_w=self.idle_w) as mon:
+        with EnergyMonitor(self.meters, hz=self.sample_hz, idle_w=self.idle_w) as mon:
             if tuner is not None:
                 tuner.monitor = mon
             yield from stream_ids(self.target, prompt_ids, cfg, stats, phase=mon.phase, **kwargs)

@@ -13,7 +13,10 @@ key at fault (schema). Schema (every table optional except [power])::
     active_w = 12.0                      #                 all cores busy
     sample_hz = 50                       # sampler rate, 10..100
     default_mode = "15W"
-    [[power.modes]]                      # power modes with their budgets
+    [power.total]                        # which INA3221s and rails make up the module total (default: see jetson.py)
+    chips = ["1-0040"]                   # <bus>-<addr> of the module's chips; rails on other chips are carrier rails
+    rails = ["VDD_IN"]                   # summed into the total (default: the input rail, else every module rail)
+    [[power.modes]]                      # nvpmodel power modes; budget_w is the default power budget in that mode
     name = "15W"
     budget_w = 15.0
     nvpmodel = 0                         # optional: the nvpmodel id of the mode
@@ -30,6 +33,10 @@ key at fault (schema). Schema (every table optional except [power])::
     start = [1, 4]                       # (W, gamma)
     ewma = 0.25
     dwell_rounds = 12
+    settle_s = 1.0                       # after a change, rounds this long are not measured (meter lag)
+
+A mode's wattage is the name NVIDIA gives a set of clock caps, not a limit the hardware enforces: the module can draw
+more (or much less) than it. It is only the default budget; measure and pass --power-budget for a real limit.
 """
 from __future__ import annotations
 
@@ -52,13 +59,14 @@ OBJECTIVES = ("throughput", "energy")
 _NUM = (int, float)
 
 # key -> (type(s), required). Nested dicts are tables; a list [spec] is an array of tables.
-_MODE = {"name": (str, True), "budget_w": (_NUM, True), "nvpmodel": (int, False), "description": (str, False)}
+_MODE = {"name": (str, True), "budget_w": (_NUM, False), "nvpmodel": (int, False), "description": (str, False)}
 _SCHEMA: dict[str, Any] = {
     "name": (str, True),
     "description": (str, True),
     "power": ({
         "meters": (list, False), "rails": (list, False), "idle_w": (_NUM, True), "active_w": (_NUM, True),
         "sample_hz": (_NUM, False), "default_mode": (str, False), "modes": ([_MODE], False),
+        "total": ({"chips": (list, False), "rails": (list, False)}, False),
     }, True),
     "runtime": ({
         "providers": (list, False), "provider_options": (dict, False),
@@ -66,7 +74,7 @@ _SCHEMA: dict[str, Any] = {
     }, False),
     "controller": ({
         "objective": (str, False), "widths": (list, False), "gammas": (list, False), "start": (list, False),
-        "ewma": (_NUM, False), "dwell_rounds": (int, False),
+        "ewma": (_NUM, False), "dwell_rounds": (int, False), "settle_s": (_NUM, False),
     }, False),
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "a table"}
@@ -75,7 +83,7 @@ _TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "a tabl
 @dataclass(frozen=True)
 class PowerMode:
     name: str
-    budget_w: float
+    budget_w: float | None  # None: a mode without clock caps (MAXN), so no default budget
     nvpmodel: int | None = None
     description: str = ""
 
@@ -88,6 +96,7 @@ class ControllerDefaults:
     start: tuple[int, int] = (1, 4)
     ewma: float = 0.25
     dwell_rounds: int = 12
+    settle_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,8 @@ class Profile:
     active_w: float
     meters: tuple[str, ...] = ()  # empty: automatic detection order
     rails: tuple[str, ...] = ()
+    total_chips: tuple[str, ...] = ()  # [power.total]: empty means the default rule
+    total_rails: tuple[str, ...] = ()
     sample_hz: float = 50.0
     modes: dict[str, PowerMode] = field(default_factory=dict)
     default_mode: str | None = None
@@ -109,7 +120,8 @@ class Profile:
     controller: ControllerDefaults = ControllerDefaults()
 
     def budget_w(self, mode: str | None = None) -> float | None:
-        """The power budget of `mode` (default: the profile's default mode); None when the profile has no modes."""
+        """The power budget of `mode` (default: the profile's default mode); None when the profile has no modes or the
+        mode has no budget."""
         mode = mode or self.default_mode
         if mode is None:
             return None
@@ -154,7 +166,8 @@ def parse_profile(text: str, where: str = "<profile>") -> Profile:
         raise ConfigError(f"profile {where} is not valid TOML: {e}") from None
     _check_table(data, _SCHEMA, "", text, where)
     power, runtime, ctl = data["power"], data.get("runtime", {}), data.get("controller", {})
-    modes = {m["name"]: PowerMode(m["name"], float(m["budget_w"]), m.get("nvpmodel"), m.get("description", ""))
+    modes = {m["name"]: PowerMode(m["name"], float(m["budget_w"]) if "budget_w" in m else None, m.get("nvpmodel"),
+                                  m.get("description", ""))
              for m in power.get("modes", [])}
 
     def bad(key: str, why: str) -> ConfigError:
@@ -169,7 +182,7 @@ def parse_profile(text: str, where: str = "<profile>") -> Profile:
         raise bad("power.sample_hz", f"must be 10..100 Hz, got {power['sample_hz']}")
     if (dm := power.get("default_mode")) is not None and dm not in modes:
         raise bad("power.default_mode", f"is {dm!r}, which is not one of the modes {sorted(modes)}")
-    if any(m.budget_w <= 0 for m in modes.values()):
+    if any(m.budget_w is not None and m.budget_w <= 0 for m in modes.values()):
         raise bad("power.modes", "budget_w must be positive")
     defaults = ControllerDefaults()
     objective = ctl.get("objective", defaults.objective)
@@ -181,16 +194,26 @@ def parse_profile(text: str, where: str = "<profile>") -> Profile:
         raise bad("controller.start", f"must be [W, gamma] from widths {list(widths)} and gammas {list(gammas)}")
     if not 0 < ctl.get("ewma", defaults.ewma) <= 1:
         raise bad("controller.ewma", "must be in (0, 1]")
+    if not 0 <= ctl.get("settle_s", defaults.settle_s) <= 10:
+        raise bad("controller.settle_s", "must be 0..10 seconds")
+    total = power.get("total", {})
+    for key in ("chips", "rails"):
+        if not all(isinstance(v, str) for v in total.get(key, ())):
+            raise bad(f"power.total.{key}", "must be a list of strings")
+    if bad_chips := [c for c in total.get("chips", ()) if not re.fullmatch(r"\d+-[0-9a-fA-F]{4}", c)]:
+        raise bad("power.total.chips", f"names {bad_chips}, not <bus>-<addr> like \"1-0040\"")
     return Profile(
         name=data["name"], description=data["description"], path=where,
         idle_w=float(power["idle_w"]), active_w=float(power["active_w"]),
-        meters=meters, rails=tuple(power.get("rails", ())), sample_hz=float(power.get("sample_hz", 50)),
+        meters=meters, rails=tuple(power.get("rails", ())), total_chips=tuple(total.get("chips", ())),
+        total_rails=tuple(total.get("rails", ())), sample_hz=float(power.get("sample_hz", 50)),
         modes=modes, default_mode=power.get("default_mode"),
         providers=tuple(runtime.get("providers", ("CPUExecutionProvider",))),
         provider_options=runtime.get("provider_options", {}),
         intra_op_threads=runtime.get("intra_op_threads"), inter_op_threads=runtime.get("inter_op_threads"),
         controller=ControllerDefaults(objective, widths, gammas, start, float(ctl.get("ewma", defaults.ewma)),
-                                      ctl.get("dwell_rounds", defaults.dwell_rounds)),
+                                      ctl.get("dwell_rounds", defaults.dwell_rounds),
+                                      float(ctl.get("settle_s", defaults.settle_s))),
     )
 
 

@@ -28,14 +28,32 @@ def test_power_json_on_a_fake_orin_nano(tmp_path, monkeypatch):
     assert out["avg_w"] == pytest.approx(7.0) and "missing_rails" not in out
 
 
-def test_power_text_names_missing_rails_and_estimates(tmp_path):
+def test_power_text_refuses_another_boards_rule_and_estimates(tmp_path):
     fake_sysfs.agx_orin(tmp_path)
     r = run("power", "--profile", "orin-nano", "--duration", "0.2", env={"MJSD_SYSFS_ROOT": str(tmp_path)})
     assert r.exit_code == 0, r.output
-    assert "jetson    ok" in r.output and "VDD_GPU_SOC" in r.output
-    assert "rails ['VDD_CPU_GPU_CV', 'VDD_IN', 'VDD_SOC'] named by profile orin-nano are not on this device" in r.output
+    assert "jetson    no" in r.output and "['VDD_IN'] of the total rule (profile orin-nano) not found" in r.output
     r = run("power", "--meter", "estimate", "--duration", "0.2", env={"MJSD_SYSFS_ROOT": str(tmp_path / "none")})
     assert r.exit_code == 0 and "ESTIMATED" in r.output and "(estimated)" in r.output
+
+
+def test_power_prints_the_total_rule_and_carrier_rails(tmp_path):
+    fake_sysfs.agx_orin_industrial(tmp_path)
+    r = run("power", "--duration", "0.1", env={"MJSD_SYSFS_ROOT": str(tmp_path)})
+    assert r.exit_code == 0, r.output
+    assert "total     VDD_GPU_SOC+VDD_CPU_CV+VIN_SYS_5V0+VDDQ_VDD2_1V8AO (default (no board rule): the module's own bus 1;" \
+        in r.output and "CVB_ATX_12V" in r.output
+    assert "12.40 W" in r.output
+
+
+def test_power_flags_a_degraded_total(tmp_path):
+    fs = fake_sysfs.orin_nano(tmp_path)
+    fs.remove(f"{fake_sysfs.ORIN_NANO_HWMON}/curr1_input")
+    r = run("power", "--json", "--profile", "orin-nano", "--duration", "0.1", env={"MJSD_SYSFS_ROOT": str(tmp_path)})
+    out = json.loads(r.stdout)  # the warnings go to stderr
+    assert r.exit_code == 0 and "VDD_IN" in out["degraded"][0] and out["readings"][0]["degraded"]
+    r = run("power", "--profile", "orin-nano", "--duration", "0.1", env={"MJSD_SYSFS_ROOT": str(tmp_path)})
+    assert "DEGRADED" in r.output
 
 
 def test_power_with_nvml_energy_counter(monkeypatch, tmp_path):
@@ -63,3 +81,20 @@ def test_profiles_list_show_and_refuse(tmp_path):
     bad.write_text('name = "bad"\ndescription = "x"\n[power]\nidle_w = 1\nactive_w = 2\nsample_hz = 500\n')
     r = run("profiles", str(bad))
     assert r.exit_code == 1 and "line 6: key 'power.sample_hz' must be 10..100 Hz" in r.output
+
+
+def test_generate_samples_at_the_profiles_rate(llama_bundle, monkeypatch):
+    from mjsd.runtime import energy
+    from mjsd.runtime.engine import Engine
+
+    rates = []
+    real = energy.EnergyMonitor.__init__
+
+    def init(self, meters, hz=50.0, idle_w=None):
+        rates.append(hz)
+        real(self, meters, hz, idle_w)
+
+    monkeypatch.setattr(energy.EnergyMonitor, "__init__", init)
+    eng = Engine.from_bundle(llama_bundle, meter="estimate", profile="generic-cpu")  # sample_hz = 20
+    eng.generate("def f(x):", algo="ar", max_new_tokens=3)
+    assert rates == [20.0]

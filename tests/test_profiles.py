@@ -35,13 +35,28 @@ def test_bundled_profiles_all_load():
 
 def test_orin_nano_modes_and_rails():
     p = load_profile("orin-nano")
-    assert sorted(p.modes) == ["15W", "25W", "7W"]
-    assert (p.budget_w(), p.budget_w("7W"), p.budget_w("25W")) == (15.0, 7.0, 25.0)
+    assert sorted(p.modes) == ["15W", "25W", "7W", "MAXN_SUPER"]
+    assert (p.budget_w(), p.budget_w("7W"), p.budget_w("25W"), p.budget_w("MAXN_SUPER")) == (15.0, 7.0, 25.0, None)
+    # JetPack 6.2 ids of the 8GB module
+    assert {m.name: m.nvpmodel for m in p.modes.values()} == {"15W": 0, "25W": 1, "MAXN_SUPER": 2, "7W": 3}
+    assert (p.total_chips, p.total_rails) == (("1-0040",), ("VDD_IN",))
+    nx = load_profile("orin-nx")
+    assert {"MAXN_SUPER", "40W", "20W"} <= set(nx.modes) and nx.budget_w("40W") == 40.0
+    agx = load_profile("agx-orin")
+    assert agx.total_chips == ("1-0040", "1-0041") and agx.modes["MAXN"].nvpmodel == 0
+    assert load_profile("nvidia-desktop").controller.settle_s == 1.0
     assert p.rails == ("VDD_IN", "VDD_CPU_GPU_CV", "VDD_SOC") and p.meters == ("jetson", "estimate")
     assert load_profile("agx-orin").rails[:3] == ("VDD_GPU_SOC", "VDD_CPU_CV", "VIN_SYS_5V0")
     assert load_profile("generic-cpu").budget_w() is None
     with pytest.raises(ConfigError, match="no power mode '99W'"):
         p.budget_w("99W")
+
+
+def test_total_rule_and_settle_are_checked():
+    with pytest.raises(ConfigError, match="power.total.chips.*<bus>-<addr>"):
+        parse_profile(GOOD.replace("[controller]", '[power.total]\nchips = ["bus1"]\n[controller]'), "bad.toml")
+    with pytest.raises(ConfigError, match="settle_s"):
+        parse_profile(GOOD.replace("[controller]", "[controller]\nsettle_s = -1"), "bad.toml")
 
 
 def test_load_by_path_and_unknown_name(tmp_path):

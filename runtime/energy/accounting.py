@@ -9,8 +9,9 @@ Usage (the generation driver wraps prefill and decode)::
         mon.phase("prefill"); ...run prefill...
         mon.phase("decode");  ...run decode rounds...
         report = mon.report(tokens=n_generated, prompt_tokens=n_prompt)
-    report.to_dict()   # {"energy_j", "j_per_token", "tokens_per_j", "avg_w", "peak_w", "source", "estimated",
-                       #  "idle_subtracted_j_per_token", "phases": {"prefill": {...}, "decode": {...}}, ...}
+    report.to_dict()   # {"energy_j", "j_per_token", "tokens_per_j", "avg_w", "peak_w", "peak_basis", "source",
+                       #  "estimated", "degraded", "failovers", "idle_subtracted_j_per_token",
+                       #  "phases": {"prefill": {...}, "decode": {...}}, ...}
 
 Per-round energy for the power-budget controller: `t0, j0 = mon.energy()` before a round, `t1, j1 = mon.energy()`
 after it, then `controller.observe(w, gamma, tokens, t1 - t0, joules=j1 - j0)`.
@@ -18,7 +19,9 @@ after it, then `controller.observe(w, gamma, tokens, t1 - t0, joules=j1 - j0)`.
 `phase(name)` ends the previous phase; a name used twice accumulates. Prefill per-token figures are per prompt token,
 decode and overall ones per generated token. With a power meter a background thread samples at `hz`; with a counter
 (RAPL, NVML energy, the estimate) nothing runs between phase boundaries. Every figure of a run that used the estimate,
-even in part after a sensor failed, carries estimated=True.
+even in part after a sensor failed, carries estimated=True; every figure of a run with a degraded reading (a known
+total rail unreadable, a counter that does not move) carries the reasons in `degraded` (empty when the measurement is
+whole), and a failover to another meter is in `failovers` with its time.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from .base import Meter
-from .sampler import Mark, Sampler
+from .sampler import PEAK_WINDOW_S, Mark, Sampler
 
 
 def per_token(joules: float | None, tokens: int | None) -> float | None:
@@ -75,6 +78,10 @@ class EnergyReport:
     warnings: list[str] = field(default_factory=list)
     meter: dict = field(default_factory=dict)  # the primary meter's description (rails, nvpmodel, ...)
     complete: bool = True  # False when every meter failed and part of the run was not counted
+    degraded: list[str] = field(default_factory=list)  # why the figures are not whole measurements; empty if they are
+    failovers: list[dict] = field(default_factory=list)  # {"t_s", "from", "to", "error"} per meter change
+    retries: int = 0  # transient read errors bridged
+    peak_basis: str = ""  # what peak_w is a peak of ("1-s average ..." for NVML power)
 
     @property
     def avg_w(self) -> float:
@@ -110,7 +117,7 @@ def measure_idle(meters: Meter | list[Meter], seconds: float = 1.0, hz: float = 
 
 class EnergyMonitor:
     def __init__(self, meters: Meter | list[Meter], hz: float = 50.0, idle_w: float | None = None):
-        self.sampler = Sampler(meters, hz)
+        self.sampler = Sampler(meters, hz, busy=True)
         self.idle_w = idle_w
         self._phases: dict[str, PhaseReport] = {}
         self._start: Mark | None = None
@@ -143,8 +150,10 @@ class EnergyMonitor:
             p = self._phases.setdefault(name, PhaseReport(name))
             p.seconds += mark.t - begin.t
             p.energy_j += mark.energy_j - begin.energy_j
-            # A phase shorter than one sample or peak window still drew at least its average power.
-            p.peak_w = max(p.peak_w, mark.peak_w, (mark.energy_j - begin.energy_j) / max(mark.t - begin.t, 1e-9))
+            # A phase shorter than one sample drew at least its average power; below a peak window a counter's
+            # average is not a power (one step in a short phase reads as a spike).
+            avg = (mark.energy_j - begin.energy_j) / max(mark.t - begin.t, 1e-9)
+            p.peak_w = max(p.peak_w, mark.peak_w, avg if mark.t - begin.t >= PEAK_WINDOW_S else 0.0)
             self._current = None
         return mark
 
@@ -167,4 +176,5 @@ class EnergyMonitor:
             source=" -> ".join(s.sources) or s.meter.name, estimated=s.estimated, seconds=seconds, energy_j=joules,
             peak_w=max([self._peak, *(p.peak_w for p in self._phases.values())]), tokens=tokens,
             idle_w=self.idle_w, idle_subtracted_j=above_idle(joules, seconds, self.idle_w),
-            phases=dict(self._phases), warnings=list(s.warnings), meter=s.meters[0].describe(), complete=not s.failed)
+            phases=dict(self._phases), warnings=list(s.warnings), meter=s.meters[0].describe(), complete=not s.failed,
+            degraded=list(s.degraded), failovers=list(s.failovers), retries=s.retries, peak_basis=s.peak_basis)

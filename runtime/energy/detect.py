@@ -12,7 +12,7 @@ from pathlib import Path
 from ..profiles import Profile, load_profile
 from .base import Meter, SensorError
 from .estimate import EstimateMeter
-from .jetson import JetsonMeter
+from .jetson import JetsonMeter, TotalRule
 from .nvml import NvmlMeter
 from .rapl import RaplMeter
 
@@ -35,7 +35,8 @@ class Detection:
 
 def _open(backend: str, profile: Profile, root: Path | None, nvml) -> Meter:
     if backend == "jetson":
-        return JetsonMeter.detect(root)
+        rule = TotalRule(profile.total_chips, profile.total_rails, f"profile {profile.name}")
+        return JetsonMeter.detect(root, rule if rule.chips or rule.rails else TotalRule())
     if backend == "nvml":
         return NvmlMeter.detect(nvml)
     if backend == "rapl":

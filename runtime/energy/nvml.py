@@ -2,14 +2,18 @@
 
 Support is decided by probing a real reading, never by `nvmlInit` succeeding: on Jetson NVML initialises and then
 answers NOT_SUPPORTED for power. Preferred is the energy counter (`nvmlDeviceGetTotalEnergyConsumption`, mJ since
-the driver loaded, Volta and newer); else power samples (`nvmlDeviceGetPowerUsage`, mW, averaged over ~1 s by the
-driver on Ampere and newer). All GPUs that support the chosen reading are summed.
+the driver loaded, Volta and newer; it steps about every 100 ms, measured on an H200); else power samples
+(`nvmlDeviceGetPowerUsage`, mW: "On Ampere (except GA100) or newer GPUs, the API returns power averaged over 1 sec
+interval", NVML reference). All GPUs that support the chosen reading are summed. `averaging_s` says how far a
+reading lags the load, for the peak's label and the controller's settling time.
 """
 from __future__ import annotations
 
 import importlib
 import time
 
+NVML_DEVICE_ARCH_AMPERE = 7  # nvmlDeviceArchitecture_t
+COUNTER_STEP_S = 0.1
 from .base import Meter, Reading, SensorError, check_watts
 
 
@@ -39,6 +43,7 @@ class NvmlMeter(Meter):
         self.kind = "energy" if use_energy else "power"
         self.needs_thread = not use_energy
         self.name = "nvml-" + ("energy" if use_energy else "power")
+        self.averaging_s = COUNTER_STEP_S if use_energy else max(_averaging_s(nvml, h, n) for h, n in zip(handles, names))
         self._start_mj: list[float] | None = None
 
     @classmethod
@@ -91,6 +96,16 @@ class NvmlMeter(Meter):
             self.nvml.nvmlShutdown()
         except Exception:
             pass  # shutting down a lost driver must not mask the run's result
+
+
+def _averaging_s(nvml, handle, name: str) -> float:
+    """1.0 where the driver averages power over 1 s (Ampere and newer except GA100, and when the architecture cannot
+    be read), else 0 (older GPUs and GA100 return instantaneous power)."""
+    try:
+        arch = nvml.nvmlDeviceGetArchitecture(handle)
+    except Exception:
+        return 1.0
+    return 1.0 if arch >= NVML_DEVICE_ARCH_AMPERE and not any(g in name for g in ("A100", "A30")) else 0.0
 
 
 def _name(nvml, handle) -> str:

@@ -2,8 +2,10 @@
 
 The counters are cumulative microjoules that wrap at `max_energy_range_uj`; this meter unwraps them into joules
 since it was opened. Since Linux 5.10 `energy_uj` is readable by root only (CVE-2020-8694, PLATYPUS).
-Top-level zones only: subzones (`intel-rapl:0:0` core, uncore, dram) are parts of their package. A `psys` zone
-covers the whole SoC platform and is used alone when present.
+Top-level zones only: subzones (`intel-rapl:0:0` core, uncore, dram) are parts of their package. The package zones
+are used, unless a `psys` zone (the whole platform) is present and its counter advances: many platforms expose psys
+without implementing it, and a counter that never moves is not a 0 J measurement. The MMIO interface
+(`intel-rapl-mmio:N`) exposes the same package domain again; it is used only where the MSR zones are absent.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from pathlib import Path
 
 from .base import MAX_PLAUSIBLE_W, Meter, Reading, SensorError, read_number, sysfs_root
 
-_TOP_ZONE = re.compile(r"intel-rapl:\d+$")
+_TOP_ZONE = re.compile(r"intel-rapl(-mmio)?:\d+$")
+PSYS_PROBE_S = 0.05  # RAPL counters update about every millisecond: a live psys moves within this
 UNREADABLE_HINT = ("RAPL energy counters are readable by root only since Linux 5.10: run as root, or grant read access "
                    "with `sudo chmod o+r /sys/class/powercap/intel-rapl:*/energy_uj` (resets at reboot)")
 
@@ -33,16 +36,36 @@ def unwrap_delta(last_uj: float, now_uj: float, max_range_uj: float) -> float:
     return delta + max_range_uj if delta < 0 else delta
 
 
-def find_zones(root: Path | None = None) -> list[Zone]:
+def find_zones(root: Path | None = None, notes: list[str] | None = None) -> list[Zone]:
+    """The zones to sum (see module doc); `notes` collects why psys or the MMIO zones were passed over."""
     root = root or sysfs_root()
-    zones = []
-    for d in sorted(root.glob("class/powercap/intel-rapl:*")):
+    notes = [] if notes is None else notes
+    zones = {"msr": [], "mmio": []}
+    for d in sorted(root.glob("class/powercap/intel-rapl*:*")):
         if not _TOP_ZONE.fullmatch(d.name):
             continue
         name = (d / "name").read_text().strip() if (d / "name").exists() else d.name
-        zones.append(Zone(name, d / "energy_uj", read_number(d / "max_energy_range_uj")))
-    psys = [z for z in zones if z.name == "psys"]
-    return psys or zones
+        zones["mmio" if "mmio" in d.name else "msr"].append(
+            Zone(name, d / "energy_uj", read_number(d / "max_energy_range_uj")))
+    if zones["msr"] and zones["mmio"]:
+        notes.append("intel-rapl-mmio zones skipped: they count the MSR package zones again")
+    found = zones["msr"] or zones["mmio"]
+    psys = [z for z in found if z.name == "psys"]
+    packages = [z for z in found if z.name != "psys"]
+    if psys and packages:
+        if _advances(psys[0]):
+            return psys
+        notes.append("psys zone skipped: its counter does not advance (not implemented on this platform)")
+    return packages or psys
+
+
+def _advances(zone: Zone) -> bool:
+    try:
+        before = read_number(zone.energy_file)
+        time.sleep(PSYS_PROBE_S)
+        return read_number(zone.energy_file) != before
+    except SensorError:
+        return False
 
 
 class RaplMeter(Meter):
@@ -51,10 +74,11 @@ class RaplMeter(Meter):
     kind = "energy"
     needs_thread = False
 
-    def __init__(self, zones: list[Zone]):
+    def __init__(self, zones: list[Zone], notes: list[str] | None = None):
         if not zones:
             raise SensorError("no RAPL zones")
         self.zones = zones
+        self.notes = notes or []
         self.name = "rapl:" + "+".join(z.name for z in zones)
         self._joules = 0.0
         self._t: float | None = None
@@ -62,10 +86,11 @@ class RaplMeter(Meter):
     @classmethod
     def detect(cls, root: Path | None = None) -> RaplMeter:
         root = root or sysfs_root()
-        zones = find_zones(root)
+        notes: list[str] = []
+        zones = find_zones(root, notes)
         if not zones:
             raise SensorError(f"no RAPL zones under {root}/class/powercap/ (not Intel/AMD, or powercap not loaded)")
-        meter = cls(zones)
+        meter = cls(zones, notes)
         try:
             meter.read()  # probe: the files exist for everyone but are often root-only
         except SensorError as e:
@@ -91,4 +116,4 @@ class RaplMeter(Meter):
         return Reading(t=t, energy_j=self._joules)
 
     def describe(self) -> dict:
-        return {**super().describe(), "zones": [z.name for z in self.zones]}
+        return {**super().describe(), "zones": [z.name for z in self.zones], "notes": self.notes}
