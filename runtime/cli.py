@@ -190,10 +190,22 @@ def profiles_cmd(name_or_path, as_json):
               help="Seconds of live readings (0: detection only).")
 @click.option("--hz", type=click.FloatRange(10, 100), help="Sampling rate (default: the profile's, else 50).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--record", "record_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Capture this device's sysfs power tree (values and symlinks) into a .tar.gz test fixture, then exit.")
 @reports_errors
-def power_cmd(profile_name, meter, duration, hz, as_json):
+def power_cmd(profile_name, meter, duration, hz, as_json, record_file):
     """Show the detected power meters and live readings, to check a device before a run."""
     import time
+
+    if record_file is not None:
+        from .energy.jetson import nvpmodel_query
+        from .energy.record import record
+
+        summary = record(record_file, nvpmodel=nvpmodel_query())
+        click.echo(json.dumps(summary, indent=2) if as_json else
+                   f"recorded {summary['files']} files and {summary['links']} links under {summary['root']} into "
+                   f"{record_file}; replay: extract it and set MJSD_SYSFS_ROOT to the folder")
+        return
 
     from .energy import Sampler, detect
     from .energy.detect import usable

@@ -98,3 +98,26 @@ def test_generate_samples_at_the_profiles_rate(llama_bundle, monkeypatch):
     eng = Engine.from_bundle(llama_bundle, meter="estimate", profile="generic-cpu")  # sample_hz = 20
     eng.generate("def f(x):", algo="ar", max_new_tokens=3)
     assert rates == [20.0]
+
+
+@pytest.mark.parametrize("tree", ["agx_orin_industrial", "agx_xavier_jp4", "rapl"])
+def test_record_a_tree_and_replay_it(tmp_path, tree):
+    from mjsd.runtime.energy import open_meters
+    from mjsd.runtime.energy.record import MANIFEST, replay
+
+    getattr(fake_sysfs, tree)(tmp_path / "sys")
+    (tmp_path / "sys/devices/platform/unrelated").mkdir(parents=True)
+    (tmp_path / "sys/devices/platform/unrelated/secret").write_text("not a power file\n")
+    archive = tmp_path / "fixture.tar.gz"
+    r = run("power", "--record", str(archive), env={"MJSD_SYSFS_ROOT": str(tmp_path / "sys")})
+    assert r.exit_code == 0, r.output
+    assert "recorded" in r.output and archive.exists() and not list(tmp_path.glob(".fixture*"))  # written atomically
+    root = replay(archive, tmp_path / "replayed")
+    assert not (root / "devices/platform/unrelated").exists() and (root / MANIFEST).exists()
+    want = [m.read() for m in open_meters("auto", root=tmp_path / "sys")[:1]]
+    got = [m.read() for m in open_meters("auto", root=root)[:1]]
+    assert got[0].watts == pytest.approx(want[0].watts) if want[0].watts is not None else got[0].energy_j == 0
+    assert got[0].rails == pytest.approx(want[0].rails) and got[0].carrier == pytest.approx(want[0].carrier)
+    if tree != "rapl":
+        assert (root / fake_sysfs.INA_JP4 if "xavier" in tree else root / fake_sysfs.INA).joinpath(
+            "1-0040").is_symlink()
