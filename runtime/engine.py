@@ -7,15 +7,22 @@
     for piece in engine.stream("import os\n", temperature=0.8, seed=1):
         print(piece, end="", flush=True)
 
-Threads: an Engine may be shared by the threads of a service. ONNX Runtime sessions are thread-safe, but each
-generation keeps the device busy and the per-session timers feed the statistics, so generations are serialised by
-a lock: a second thread's call waits for the first one to finish (on a 2-8 core edge device, concurrent generations
-would only contend for the same cores). For true parallelism create one Engine per worker process.
+Threads: an Engine may be shared by the threads of a service; every generation has its own KV caches, random
+generator, statistics and energy monitor. Generations take turns round by round (`Turns`): one holds the engine for
+one round (prefill counts as one) and releases it before its tokens reach the consumer, and waiting generations get
+the next turn in arrival order. So a stream that is slow or never consumed holds no one up, concurrent clients are
+served round-robin, and model time and energy are those of the generation's own rounds (wall time and TTFT include
+the waits). Results do not depend on the interleaving: a fixed seed gives the same tokens alone or under load.
+Rounds are not run in parallel: on a 2-8 core edge device one session's intra-op threads already use every core.
+Stop a generation with `stream.close()` (or `with engine.stream(...) as s:`) from the consuming thread, or with
+`stream.cancel()` from any thread: it ends before its next round with finish_reason "cancelled".
 """
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -43,11 +50,41 @@ class Result:
     stats: GenerationStats = field(repr=False)
 
 
+class Turns:
+    """A FIFO lock over rounds: `with turns.turn():` waits until every generation that asked earlier had its turn."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._queue: deque[object] = deque()
+        self._busy = False
+
+    @property
+    def waiting(self) -> int:
+        """Generations waiting for a turn (the queue depth)."""
+        return len(self._queue)
+
+    @contextmanager
+    def turn(self):
+        me = object()
+        with self._cond:
+            self._queue.append(me)
+            self._cond.wait_for(lambda: not self._busy and self._queue[0] is me)
+            self._queue.popleft()
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+
 class TextStream:
     """Iterates over text pieces as they are produced; `tokens`, `text` and `stats` are complete once exhausted.
 
     Byte-level BPE splits multi-byte characters over tokens, so a piece is only released once it decodes to whole
-    characters (no U+FFFD at its end).
+    characters (no U+FFFD at its end). `close()` (or leaving a `with` block) ends the generation from the consuming
+    thread; `cancel()` asks it to stop before its next round from any thread.
     """
 
     def __init__(self, engine: Engine, prompt_ids: list[int], cfg: GenerationConfig):
@@ -55,17 +92,36 @@ class TextStream:
         self.tokens: list[int] = []
         self.text = ""
         self.stats = GenerationStats()
+        self._cancelled = threading.Event()
+        self._pieces = self._generate()
 
     def __iter__(self) -> Iterator[str]:
-        with self._engine._lock:
-            for new in self._engine._rounds(self._prompt, self._cfg, self.stats):
-                self.tokens += new
-                text = self._engine.decode(self.tokens)
-                if text.endswith("\ufffd") and self.stats.finish_reason == "":
-                    continue  # an incomplete UTF-8 sequence: wait for the next round
-                piece, self.text = text[len(self.text):], text
-                if piece:
-                    yield piece
+        return self._pieces
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def __enter__(self) -> TextStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._pieces.close()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def _generate(self) -> Iterator[str]:
+        for new in self._engine._rounds(self._prompt, self._cfg, self.stats, self._cancelled):
+            self.tokens += new
+            text = self._engine.decode(self.tokens)
+            if text.endswith("\ufffd") and self.stats.finish_reason == "":
+                continue  # an incomplete UTF-8 sequence: wait for the next round
+            piece, self.text = text[len(self.text):], text
+            if piece:
+                yield piece
 
 
 class Engine:
@@ -77,7 +133,7 @@ class Engine:
         self.tokenizer = bundle.load_tokenizer()
         self.meters, self.idle_w = meters, idle_w
         self._controller_factory = controller_factory
-        self._lock = threading.RLock()
+        self.turns = Turns()
 
     @classmethod
     def from_bundle(cls, path: str | Path | None = None, *, provider: str | list[str] | None = None,
@@ -143,32 +199,71 @@ class Engine:
         return replace(base, **params)
 
     def generate(self, prompt: str | list[int], config: GenerationConfig | None = None, **params) -> Result:
-        stream = self.stream(prompt, config, **params)
-        for _ in stream:
-            pass
+        with self.stream(prompt, config, **params) as stream:
+            for _ in stream:
+                pass
         return Result(stream.text, stream.tokens, stream.stats)
 
     def stream(self, prompt: str | list[int], config: GenerationConfig | None = None, **params) -> TextStream:
         cfg = self.config(config, **params)
         return TextStream(self, self.encode(prompt), cfg)
 
-    def _rounds(self, prompt_ids: list[int], cfg: GenerationConfig, stats: GenerationStats) -> Iterator[list[int]]:
-        """The driver's rounds, wrapped in energy accounting and the power controller when configured."""
+    def _rounds(self, prompt_ids: list[int], cfg: GenerationConfig, stats: GenerationStats,
+                cancelled: threading.Event) -> Iterator[list[int]]:
+        """The driver's rounds, one turn each, wrapped in energy accounting and the power controller when
+        configured. Between turns the energy monitor is in phase "wait" (other generations' rounds), which its
+        report leaves out."""
         tuner = self._controller_factory(cfg) if self._controller_factory and cfg.algo in TUNABLE else None
         kwargs = dict(draft=self.draft, vocab_size=self.bundle.vocab_size, eos_id=self.bundle.eos_token_id,
                       decode=self.decode, tune=tuner)
         if self.meters is None:
-            yield from stream_ids(self.target, prompt_ids, cfg, stats, **kwargs)
+            yield from self._take_turns(stream_ids(self.target, prompt_ids, cfg, stats, **kwargs), stats, cancelled)
             return
         from .energy import EnergyMonitor
+        from .energy.accounting import WAIT
 
         with EnergyMonitor(self.meters, hz=self.sample_hz, idle_w=self.idle_w) as mon:
             if tuner is not None:
                 tuner.monitor = mon
-            yield from stream_ids(self.target, prompt_ids, cfg, stats, phase=mon.phase, **kwargs)
-            stats.energy = mon.report(stats.generated_tokens, stats.prompt_tokens).to_dict()
+            phase = [WAIT]  # the driver's current phase, resumed at each turn
+            mon.phase(WAIT)
+
+            def enter(name: str) -> None:
+                phase[0] = name
+                mon.phase(name)
+
+            def resume() -> None:
+                mon.phase(phase[0])
+                if tuner is not None:
+                    tuner.resume()
+
+            rounds = stream_ids(self.target, prompt_ids, cfg, stats, phase=enter, **kwargs)
+            try:
+                yield from self._take_turns(rounds, stats, cancelled, resume, lambda: mon.phase(WAIT))
+            finally:
+                stats.energy = mon.report(stats.generated_tokens, stats.prompt_tokens).to_dict()
         if tuner is not None:
             stats.controller = [d.to_dict() for d in tuner.controller.history]
+
+    def _take_turns(self, rounds: Iterator[list[int]], stats: GenerationStats, cancelled: threading.Event,
+                    resume=lambda: None, pause=lambda: None) -> Iterator[list[int]]:
+        """Run each round of `rounds` in its own turn and yield its tokens outside it; stop once cancelled."""
+        try:
+            while not cancelled.is_set():
+                with self.turns.turn():
+                    if cancelled.is_set():
+                        break
+                    resume()
+                    try:
+                        new = next(rounds, None)
+                    finally:
+                        pause()
+                if new is None:
+                    return
+                yield new
+            stats.finish_reason = "cancelled"
+        finally:
+            rounds.close()
 
 
 TUNABLE = ("sps", "mjsd", "mtad", "mmtad")  # algorithms whose gamma (and beam width) the power controller may change
@@ -194,6 +289,11 @@ class BudgetTuner:
         width, gamma = self.controller.choose()
         ctx.cfg = replace(ctx.cfg, beam_width=width, gamma=gamma)
         self._last = now
+
+    def resume(self) -> None:
+        """At the start of a turn: the time and energy since the last round were other generations'."""
+        if self._last is not None:
+            self._last = self.monitor.energy()
 
 
 def _controller_factory(profile, power_budget: float | None, objective: str | None):

@@ -14,7 +14,7 @@ class GenerationStats:
     algo: str = ""
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    finish_reason: str = ""  # "length" | "eos" | "stop"
+    finish_reason: str = ""  # "length" | "eos" | "stop" | "cancelled"
     rounds: int = 0  # decode rounds (one target verification each)
     target_calls: int = 0
     draft_calls: int = 0

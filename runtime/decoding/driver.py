@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -60,11 +61,12 @@ def stream_ids(target: ModelSession, prompt_ids: Sequence[int], cfg: GenerationC
     check_context(len(prompt), cfg, min(m.spec.max_context for m in models))
 
     stats.algo, stats.prompt_tokens = cfg.algo, len(prompt)
-    clock0 = {id(m): (m.time_s, m.calls) for m in models}
     t_start = time.perf_counter()
     if phase:
         phase("prefill")
-    ctx = prefill(target, prompt, cfg, stats, draft=draft, vocab_size=vocab_size)
+    timed_draft = draft if len(models) == 2 and draft is not target else None
+    with _charged(stats, target, timed_draft):
+        ctx = prefill(target, prompt, cfg, stats, draft=draft, vocab_size=vocab_size)
     stats.prefill_time_s = time.perf_counter() - t_start
     if phase:
         phase("decode")
@@ -74,7 +76,8 @@ def stream_ids(target: ModelSession, prompt_ids: Sequence[int], cfg: GenerationC
     out: list[int] = []
     try:
         while not stats.finish_reason:
-            new = next(rounds)
+            with _charged(stats, target, timed_draft):
+                new = next(rounds)
             new, stats.finish_reason = _cut(new, out, cfg, None if cfg.ignore_eos else eos_id, decode)
             if not out:
                 stats.ttft_s = time.perf_counter() - t_start
@@ -87,11 +90,21 @@ def stream_ids(target: ModelSession, prompt_ids: Sequence[int], cfg: GenerationC
         rounds.close()
         stats.wall_time_s = time.perf_counter() - t_start
         stats.decode_time_s = stats.wall_time_s - stats.prefill_time_s
-        t_time, t_calls = clock0[id(target)]
-        stats.target_time_s, stats.target_calls = target.time_s - t_time, target.calls - t_calls
-        if len(models) == 2 and draft is not target:
-            d_time, d_calls = clock0[id(draft)]
-            stats.draft_time_s, stats.draft_calls = draft.time_s - d_time, draft.calls - d_calls
+
+
+@contextmanager
+def _charged(stats: GenerationStats, target: ModelSession, draft: ModelSession | None):
+    """Add the sessions' run time and calls during the block to stats. Counted per round, not over the whole
+    generation: other generations' rounds may run between two of ours (Engine turns) on the same sessions."""
+    t0, d0 = (target.time_s, target.calls), (draft.time_s, draft.calls) if draft is not None else None
+    try:
+        yield
+    finally:
+        stats.target_time_s += target.time_s - t0[0]
+        stats.target_calls += target.calls - t0[1]
+        if draft is not None:
+            stats.draft_time_s += draft.time_s - d0[0]
+            stats.draft_calls += draft.calls - d0[1]
 
 
 def _models(cfg: GenerationConfig, target: ModelSession, draft: ModelSession | None) -> list[ModelSession]:

@@ -16,7 +16,7 @@ Usage (the generation driver wraps prefill and decode)::
 Per-round energy for the power-budget controller: `t0, j0 = mon.energy()` before a round, `t1, j1 = mon.energy()`
 after it, then `controller.observe(w, gamma, tokens, t1 - t0, joules=j1 - j0)`.
 
-`phase(name)` ends the previous phase; a name used twice accumulates. Prefill per-token figures are per prompt token,
+`phase(name)` ends the previous phase; a name used twice accumulates; phase "wait" is left out of the totals. Prefill per-token figures are per prompt token,
 decode and overall ones per generated token. With a power meter a background thread samples at `hz`; with a counter
 (RAPL, NVML energy, the estimate) nothing runs between phase boundaries. Every figure of a run that used the estimate,
 even in part after a sensor failed, carries estimated=True; every figure of a run with a degraded reading (a known
@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 
 from .base import Meter
 from .sampler import PEAK_WINDOW_S, Mark, Sampler
+
+WAIT = "wait"  # the phase that report() leaves out of the totals
 
 
 def per_token(joules: float | None, tokens: int | None) -> float | None:
@@ -168,6 +170,8 @@ class EnergyMonitor:
         self._close()
         start, end = self._start, self._end
         seconds, joules = end.t - start.t, end.energy_j - start.energy_j
+        if WAIT in self._phases:  # a generation waiting for its turn while others ran (Engine): not its energy
+            seconds, joules = seconds - self._phases[WAIT].seconds, joules - self._phases[WAIT].energy_j
         for p in self._phases.values():
             p.tokens = {"prefill": prompt_tokens, "decode": tokens}.get(p.name)
             p.idle_subtracted_j = above_idle(p.energy_j, p.seconds, self.idle_w)
