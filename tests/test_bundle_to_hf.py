@@ -1,0 +1,30 @@
+"""tools/bundle_to_hf.py: the checkpoint rebuilt from a bundle's ONNX initializers is the exported one, exactly."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "bundle_to_hf.py"
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("bundle_to_hf", TOOL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_rebuilds_exported_weights(llama_tree_bundle, llama_checkpoints, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _tool().main([str(llama_tree_bundle), str(tmp_path)])  # also checks HF vs ORT logits <= 1e-4
+    for role, src in zip(("target", "draft"), llama_checkpoints):
+        want = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).state_dict()
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / role, dtype=torch.float32).state_dict()
+        assert want.keys() == got.keys()
+        for name in want:
+            np.testing.assert_array_equal(got[name].numpy(), want[name].numpy(), err_msg=name)
+        assert (tmp_path / role / "tokenizer.json").is_file()
