@@ -13,11 +13,25 @@ first EOS; the body ends at the first non-blank line indented no deeper than the
 (or at EOS) must pass `ast.parse`. One cut by max_new_tokens loses its last line if that has no newline yet, and
 the rest must be valid so far: complete, or only unfinished (an open bracket, a block awaiting its body: `codeop`),
 never a syntax error. On the real bodies of the built-in prompts the rule gives 100% at every cut length.
+
+Parse rate does not separate algorithms (100% for all of them on the built-in prompts), so two more metrics that can
+contradict a speed or perplexity claim come with it:
+- repetition, per completion (up to the first EOS), averaged over prompts: distinct-2 (distinct token bigrams / all
+  bigrams; 1 = no bigram repeats) and the duplicated-line fraction (non-blank lines equal, stripped, to an earlier
+  line of the same completion; `#\n#\n...` loops push it towards 1);
+- the task metric, against the real code that followed the prompt in its held-out file (the prompt file's
+  "reference"): next-line exact match (the completion's first non-blank line equals the reference's, stripped) and
+  edit similarity of the first REF_LINES non-blank lines (difflib's ratio, 0..1, of the two stripped line lists
+  joined by newlines). A completion that drifts into repetition or into the draft's guesses scores lower.
+
+Time is split as the generation stats split it: prefill (prompt processing, both models) and decode; for long
+prompts the end-to-end speed-up mixes the two, so the summaries give both speed-ups apart.
 """
 from __future__ import annotations
 
 import ast
 import codeop
+import difflib
 import json
 import math
 import re
@@ -65,6 +79,62 @@ def load_prompts(path: str | Path | None = None, limit: int | None = None) -> li
     if not prompts:
         raise ConfigError(f"{p} holds no prompts")
     return prompts[:limit] if limit else prompts
+
+
+def load_references(path: str | Path | None = None, limit: int | None = None) -> list[str | None]:
+    """The "reference" completion of each prompt of a JSONL prompt file (None where there is none or the file is
+    not JSONL), in the order of load_prompts."""
+    p = Path(path) if path is not None else builtin_prompts_path()
+    if p.suffix != ".jsonl":
+        return [None] * len(load_prompts(p, limit))
+    items = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    refs = [item.get("reference") if isinstance(item, dict) else None for item in items]
+    return refs[:limit] if limit else refs
+
+
+# --- quality metrics: pure functions of one completion ---------------------------------------------------------------
+
+REF_LINES = 3  # lines of real code the edit similarity compares
+
+
+def distinct_n(tokens: list[int], n: int = 2) -> float | None:
+    """Distinct n-grams / all n-grams of a token sequence (1 = nothing repeats); None below n tokens."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def duplicated_line_fraction(text: str) -> float | None:
+    """Share of the non-blank lines that repeat (stripped) an earlier line of the text; None without any line."""
+    lines = _lines(text)
+    return (len(lines) - len(set(lines))) / len(lines) if lines else None
+
+
+def next_line_match(completion: str, reference: str) -> bool | None:
+    """Whether the completion's first non-blank line equals the reference's (stripped); None without a reference."""
+    ref = _lines(reference)
+    if not ref:
+        return None
+    got = _lines(completion)
+    return bool(got) and got[0] == ref[0]
+
+
+def edit_similarity(completion: str, reference: str, lines: int = REF_LINES) -> float | None:
+    """difflib's similarity ratio (0..1) of the first `lines` non-blank lines of the reference (fewer if it is
+    shorter) and as many of the completion, stripped; None without a reference."""
+    ref = _lines(reference)[:lines]
+    if not ref:
+        return None
+    return difflib.SequenceMatcher(None, "\n".join(_lines(completion)[:len(ref)]), "\n".join(ref),
+                                   autojunk=False).ratio()
+
+
+def _mean(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
 
 
 def target_logprobs(engine, ids: list[int], n_new: int) -> np.ndarray:
@@ -142,10 +212,31 @@ class Row:
     texts: list[str] = field(default_factory=list)
     parsed: int = 0  # completions that parse as Python (completion_parses)
     judged: int = 0  # completions of prompts that end in a function header
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    distinct2: list = field(default_factory=list)  # per completion (up to EOS)
+    dup_lines: list = field(default_factory=list)
+    next_line: list = field(default_factory=list)
+    edit_sim: list = field(default_factory=list)
+    tuned: list = field(default_factory=list)  # (beam width, gamma) the online tuner ended at, per generation
 
-    def add(self, stats, logprobs: np.ndarray, text: str, parses: bool | None = None) -> None:
+    def add(self, stats, logprobs: np.ndarray, text: str, parses: bool | None = None, *,
+            tokens: list[int] | None = None, reference: str | None = None) -> None:
+        """One generation: its stats, the target log-probs of its tokens, its text (up to EOS), the parse verdict,
+        its tokens up to EOS and the prompt's reference completion."""
         self.tokens += stats.generated_tokens
         self.seconds += stats.wall_time_s
+        self.prompt_tokens += stats.prompt_tokens
+        self.prefill_s += stats.prefill_time_s
+        self.decode_s += stats.decode_time_s
+        self.distinct2.append(distinct_n(tokens, 2) if tokens is not None else None)
+        self.dup_lines.append(duplicated_line_fraction(text))
+        if reference is not None:
+            self.next_line.append(next_line_match(text, reference))
+            self.edit_sim.append(edit_similarity(text, reference))
+        if getattr(stats, "controller", None):
+            self.tuned.append((stats.controller[-1]["width"], stats.controller[-1]["gamma"]))
         self.rounds += stats.rounds
         self.draft_tokens += stats.draft_tokens
         self.accepted_tokens += stats.accepted_tokens
@@ -175,7 +266,17 @@ class Row:
                "tokens_per_target_call": self.tokens / self.target_calls if self.target_calls else None,
                "per_position_acceptance": [a / d for a, d in zip(self.accepted_at, self.drafted_at)],
                "perplexity": math.exp(-self.logprob_sum / self.tokens) if self.tokens else None,
-               "parse_rate": self.parsed / self.judged if self.judged else None, "parse_judged": self.judged}
+               "parse_rate": self.parsed / self.judged if self.judged else None, "parse_judged": self.judged,
+               "distinct_2": _mean(self.distinct2), "dup_line_fraction": _mean(self.dup_lines),
+               "half_duplicated": sum(d is not None and d >= 0.5 for d in self.dup_lines),
+               "next_line_match": _mean(self.next_line), "edit_similarity": _mean(self.edit_sim),
+               "prefill_tokens_per_s": self.prompt_tokens / self.prefill_s if self.prefill_s else None,
+               "decode_tokens_per_s": self.tokens / self.decode_s if self.decode_s else None,
+               "prefill_speedup_vs_ar": _ratio(baseline.prefill_s, self.prefill_s) if baseline else None,
+               "decode_speedup_vs_ar": (_ratio(self.tokens * baseline.decode_s, baseline.tokens * self.decode_s)
+                                        if baseline else None)}
+        if self.tuned:
+            out["tuned_to"] = {f"W={w} gamma={g}": self.tuned.count((w, g)) for w, g in sorted(set(self.tuned))}
         if self.energy_source:
             out.update(energy_j=round(self.energy_j, 4), j_per_token=self.energy_j / self.tokens,
                        avg_w=self.energy_j / self.energy_s if self.energy_s else None,
@@ -183,16 +284,22 @@ class Row:
         return out
 
 
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
+
+
 def run_bench(engine, prompts: list[str], configs: Iterable[tuple[str, GenerationConfig]],
               on_step: Callable[[], None] | None = None, repeats: int = 1, warmup: int = 1,
-              engines: dict | None = None) -> list[dict]:
+              engines: dict | None = None, references: list[str | None] | None = None) -> list[dict]:
     """Run every configuration on every prompt, interleaved, `repeats` times over the set (sampling seeds differ per
     pass); return one summary per configuration.
 
     The baseline of a configuration is the "ar" configuration with the same temperature/top_k/top_p, if present.
     warmup: unmeasured generations per configuration first. engines: name -> Engine for configurations that need
-    their own (a power budget); the others use `engine`.
+    their own (a power budget, no online tuning); the others use `engine`. references: the real continuation of each
+    prompt (load_references), for the task metric.
     """
+    references = references or [None] * len(prompts)
     rows = [Row(name, replace(cfg, ignore_eos=True)) for name, cfg in configs]
     if not rows:
         raise ConfigError("nothing to benchmark: give at least one configuration")
@@ -204,7 +311,7 @@ def run_bench(engine, prompts: list[str], configs: Iterable[tuple[str, Generatio
             engines.get(row.name, engine).generate(prompts[0], row.config,
                                                    max_new_tokens=min(8, row.config.max_new_tokens))
     eos = engine.bundle.eos_token_id
-    for i, prompt in enumerate(prompts * repeats):
+    for i, (prompt, reference) in enumerate(list(zip(prompts, references)) * repeats):
         ids = engine.encode(prompt)
         for row in rows:
             cfg = replace(row.config, seed=i if row.config.seed is None else row.config.seed + i)
@@ -212,8 +319,9 @@ def run_bench(engine, prompts: list[str], configs: Iterable[tuple[str, Generatio
             # EOS is ignored for timing; the task metric judges the text up to the first EOS
             end = r.tokens.index(eos) if eos in r.tokens else None
             text = r.text if end is None else engine.decode(r.tokens[:end])
-            row.add(r.stats, target_logprobs(engine, ids + r.tokens, len(r.tokens)), r.text,
-                    completion_parses(prompt, text, ended=end is not None))
+            row.add(r.stats, target_logprobs(engine, ids + r.tokens, len(r.tokens)), text,
+                    completion_parses(prompt, text, ended=end is not None), tokens=r.tokens[:end],
+                    reference=reference)
             if on_step:
                 on_step()
 
@@ -226,8 +334,8 @@ def run_bench(engine, prompts: list[str], configs: Iterable[tuple[str, Generatio
 
 def format_table(summaries: list[dict]) -> str:
     """A Markdown table of the summaries."""
-    head = ("| config | T | tokens/s | vs AR | accept rate | mean accepted length | tokens/target call | "
-            "output ppl | parses | J/token |")
+    head = ("| config | T | tokens/s | vs AR | decode vs AR | accept rate | mean accepted length | "
+            "tokens/target call | output ppl | dup lines | distinct-2 | next line | edit sim | parses | J/token |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
 
     def f(v, spec):
@@ -237,7 +345,10 @@ def format_table(summaries: list[dict]) -> str:
         jpt = s.get("j_per_token")
         energy = "-" if jpt is None else f"{jpt:.4f}{' (est.)' if s['energy_estimated'] else ''}"
         lines.append(f"| {s['name']} | {s['temperature']:g} | {s['tokens_per_s']:.1f} | "
-                     f"{f(s['speedup_vs_ar'], '.2f')}x | {f(s['acceptance_rate'], '.2f')} | "
+                     f"{f(s['speedup_vs_ar'], '.2f')}x | {f(s.get('decode_speedup_vs_ar'), '.2f')}x | "
+                     f"{f(s['acceptance_rate'], '.2f')} | "
                      f"{f(s['mean_accepted_length'], '.2f')} | {f(s['tokens_per_target_call'], '.2f')} | "
-                     f"{f(s['perplexity'], '.2f')} | {f(s.get('parse_rate'), '.0%')} | {energy} |")
+                     f"{f(s['perplexity'], '.2f')} | {f(s.get('dup_line_fraction'), '.2f')} | "
+                     f"{f(s.get('distinct_2'), '.2f')} | {f(s.get('next_line_match'), '.0%')} | "
+                     f"{f(s.get('edit_similarity'), '.2f')} | {f(s.get('parse_rate'), '.0%')} | {energy} |")
     return "\n".join(lines)

@@ -418,7 +418,7 @@ def bench_cmd(bundle, prompts_file, limit, algos, temperatures, top_k, top_p, ma
     output perplexity under the target, J/token."""
     from tqdm import tqdm
 
-    from .bench import format_table, load_prompts, run_bench
+    from .bench import format_table, load_prompts, load_references, run_bench
     from .config import GenerationConfig
     from .engine import Engine
 
@@ -437,7 +437,8 @@ def bench_cmd(bundle, prompts_file, limit, algos, temperatures, top_k, top_p, ma
     engine = Engine.from_bundle(bundle, threads=threads, meter=None if meter == "none" else meter)
     with tqdm(total=len(prompts) * len(configs), desc="bench", unit="gen", file=sys.stderr,
               disable=as_json) as bar:
-        summaries = run_bench(engine, prompts, configs, on_step=bar.update)
+        summaries = run_bench(engine, prompts, configs, on_step=bar.update,
+                              references=load_references(prompts_file, limit))
     if as_json:
         click.echo(json.dumps({"prompts": len(prompts), "max_new_tokens": max_new_tokens,
                                "bundle": str(engine.bundle.root), "results": summaries}, indent=2))
@@ -494,7 +495,7 @@ def profile_cmd(out, resume_dir, force, bundle, prompts_file, limit, algos, beam
 
     from tqdm import tqdm
 
-    from .bench import load_prompts
+    from .bench import load_prompts, load_references
     from .sweep import create_run, plan_cells, run_sweep
 
     if resume_dir is not None:
@@ -510,7 +511,7 @@ def profile_cmd(out, resume_dir, force, bundle, prompts_file, limit, algos, beam
         out = out or Path("runs") / time.strftime("profile-%Y%m%d-%H%M%S", time.gmtime())
         run = create_run(out, cells, prompts, bundle=bundle, threads=threads,
                          meter=None if meter == "none" else meter, profile=device_profile, repeats=repeats,
-                         warmup=warmup, force=force)
+                         warmup=warmup, force=force, references=load_references(prompts_file, limit))
         click.echo(f"{len(cells)} configurations x {len(prompts)} prompts x {repeats} repeat(s) -> {run}", err=True)
     bar = tqdm(desc="profile", unit="gen", file=sys.stderr)
     try:

@@ -124,17 +124,22 @@ def summary_markdown(doc: dict, plots: list[str]) -> str:
              + (" (ESTIMATED from CPU time: this machine has no power sensor)" if est else ""),
              "- method: each configuration is timed interleaved with AR at the same sampling settings over the same "
              "prompts (EOS ignored, same token count); speed-up = its tokens/s / that AR's. Perplexity under the "
-             "target at T=1 over the generated tokens; parses = share of completions whose function parses "
-             "(runtime/bench.py).", "",
-             "| configuration | tokens/s | AR tokens/s | speed-up | accept rate | mean accepted length | "
-             "per-position acceptance | output ppl | parses | J/token | avg W |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "target at T=1 over the generated tokens; parses = share of completions whose function parses; dup lines = "
+             "duplicated-line fraction, distinct-2, next line = next-line exact match and edit sim = edit "
+             "similarity of 3 lines against the real held-out code (runtime/bench.py).", "",
+             "| configuration | tokens/s | AR tokens/s | speed-up | decode speed-up | accept rate | "
+             "mean accepted length | per-position acceptance | output ppl | dup lines | distinct-2 | next line | "
+             "edit sim | parses | J/token | avg W |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["results"]:
         pos = " ".join(f"{a:.2f}" for a in r["per_position_acceptance"]) or "-"
         jpt = r.get("j_per_token")
         lines.append(f"| {r['name']} | {r['tokens_per_s']:.1f} | {f(r.get('ar_tokens_per_s'), '.1f')} | "
-                     f"{f(r.get('speedup_vs_ar'), '.2f')}x | {f(r.get('acceptance_rate'), '.2f')} | "
+                     f"{f(r.get('speedup_vs_ar'), '.2f')}x | {f(r.get('decode_speedup_vs_ar'), '.2f')}x | "
+                     f"{f(r.get('acceptance_rate'), '.2f')} | "
                      f"{f(r.get('mean_accepted_length'), '.2f')} | {pos} | {f(r.get('perplexity'), '.2f')} | "
+                     f"{f(r.get('dup_line_fraction'), '.2f')} | {f(r.get('distinct_2'), '.2f')} | "
+                     f"{f(r.get('next_line_match'), '.0%')} | {f(r.get('edit_similarity'), '.2f')} | "
                      f"{f(r.get('parse_rate'), '.0%')} | {f(jpt, '.4f')}{' (est.)' if jpt and est else ''} | "
                      f"{f(r.get('avg_w'), '.2f')} |")
     if plots:

@@ -39,7 +39,9 @@ TUNABLE = ("sps", "mjsd", "mtad")  # algorithms a power budget can steer (runtim
 CSV_FIELDS = ("name", "algo", "temperature", "top_k", "top_p", "gamma", "beam_width", "tau", "power_budget_w",
               "tokens", "seconds", "tokens_per_s", "ar_tokens_per_s", "speedup_vs_ar", "acceptance_rate",
               "mean_accepted_length", "tokens_per_target_call", "per_position_acceptance", "perplexity",
-              "parse_rate", "j_per_token", "avg_w", "energy_source", "energy_estimated")
+              "parse_rate", "dup_line_fraction", "distinct_2", "next_line_match", "edit_similarity",
+              "prefill_speedup_vs_ar", "decode_speedup_vs_ar", "j_per_token", "avg_w", "energy_source",
+              "energy_estimated")
 
 
 @dataclass(frozen=True)
@@ -154,8 +156,9 @@ def machine_info(engine) -> dict:
 
 def create_run(run_dir: str | Path, cells: list[Cell], prompts: list[str], *, bundle: str | None, threads=None,
                meter: str | None = "auto", profile: str | None = None, repeats: int = 1, warmup: int = 1,
-               force: bool = False) -> Path:
-    """Create `<run_dir>.partial` with the plan (built in a temp dir, then renamed); return its path."""
+               force: bool = False, references: list[str | None] | None = None) -> Path:
+    """Create `<run_dir>.partial` with the plan (built in a temp dir, then renamed); return its path.
+    references: each prompt's real continuation (bench.load_references), for the task metric."""
     final = Path(run_dir)
     part = partial_dir(final)
     if final.exists() or part.exists():
@@ -167,7 +170,7 @@ def create_run(run_dir: str | Path, cells: list[Cell], prompts: list[str], *, bu
     final.parent.mkdir(parents=True, exist_ok=True)
     plan = {"created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "bundle": None if bundle is None else str(Path(bundle).resolve()), "threads": threads, "meter": meter,
-            "profile": profile, "repeats": repeats, "warmup": warmup, "prompts": prompts,
+            "profile": profile, "repeats": repeats, "warmup": warmup, "prompts": prompts, "references": references,
             "cells": [c.to_dict() for c in cells]}
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     (tmp / CELLS).mkdir()
@@ -214,7 +217,7 @@ def run_sweep(run_dir: str | Path, *, on_cell: Callable[[int, dict], None] | Non
         pair = [(cell.name, cell.config)] if cell.config.algo == "ar" else [("ar (pair)", ar), (cell.name, cell.config)]
         engines_by_name = {cell.name: engine_for(cell.power_budget_w)}
         summaries = run_bench(base, prompts, pair, on_step=on_step, repeats=repeats, warmup=plan["warmup"],
-                              engines=engines_by_name)
+                              engines=engines_by_name, references=plan.get("references"))
         result = {**summaries[-1], "power_budget_w": cell.power_budget_w, "index": i,
                   "ar_tokens_per_s": summaries[0]["tokens_per_s"],
                   "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine}

@@ -2,7 +2,8 @@
 
 The files are the validation split of tools/train_builtin.py (never trained on), so the prompts measure the bundle on
 code it has not seen. Each prompt is a few lines of the module before a `def` plus the header and its docstring,
-like HumanEval; the completion is the body. Deterministic: same Python version -> same prompts.
+like HumanEval; the completion is the body, and "reference" holds the real one (the task metric of runtime/bench.py
+compares completions with it). Deterministic: same Python version -> same prompts.
 
     python tools/make_prompts.py --out runtime/data/prompts.jsonl [--count 32]
 """
@@ -21,7 +22,8 @@ CONTEXT_LINES = 6  # module lines before the header: imports/class line give the
 
 
 def header_prompts(source: str, rel: str) -> list[dict]:
-    """One prompt per function with a docstring: the lines up to the end of its docstring."""
+    """One prompt per function with a docstring: the lines up to the end of its docstring; the rest of the
+    function is its reference completion."""
     try:
         tree = ast.parse(source)
     except SyntaxError:
@@ -38,7 +40,8 @@ def header_prompts(source: str, rel: str) -> list[dict]:
         if node.decorator_list:
             start = max(0, min(start, node.decorator_list[0].lineno - 1))
         out.append({"source": f"{rel}:{node.lineno}", "function": node.name,
-                    "prompt": "".join(lines[start:doc.end_lineno])})
+                    "prompt": "".join(lines[start:doc.end_lineno]),
+                    "reference": "".join(lines[doc.end_lineno:node.end_lineno])})
     return out
 
 
