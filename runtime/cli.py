@@ -390,6 +390,43 @@ def generate_cmd(prompt, prompt_file, bundle, algo, max_new_tokens, temperature,
         click.echo(format_stats(stream.stats.to_dict()), err=True)
 
 
+# --- serve: the OpenAI-compatible HTTP service (runtime/server/) ------------------------------------------------------
+
+@main.command("serve")
+@click.option("--bundle", type=click.Path(path_type=Path), help="Model bundle (default: the built-in one).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--profile", help="Device profile (name or .toml path).")
+@click.option("--power-budget", type=float, help="Watts: adapt beam width and gamma to stay under it.")
+@click.option("--api-key", envvar="MJSD_API_KEY", help="Require 'Authorization: Bearer KEY' (env MJSD_API_KEY).")
+@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Generations admitted at once (running or waiting for their turn); more get HTTP 429.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="Seconds a request may take, queueing included; then it is cancelled (HTTP 504).")
+@click.option("--grace-period", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="On SIGTERM: seconds in-flight requests get to finish before they are cancelled.")
+@click.option("--provider", help="Execution provider preference, comma-separated: tensorrt,cuda,cpu.")
+@click.option("--threads", type=int, help="Intra-op threads per session (default: ONNX Runtime's).")
+@click.option("--meter", type=click.Choice(["auto", "jetson", "nvml", "rapl", "estimate", "none"]), default="auto",
+              show_default=True, help="Energy meter ('none': no energy accounting).")
+@click.option("--model-name", help="The model id clients ask for (default: the bundle's folder name, "
+              "mjsd-builtin for the built-in bundle).")
+@reports_errors
+def serve_cmd(bundle, host, port, profile, power_budget, api_key, max_queue, timeout, grace_period, provider, threads,
+              meter, model_name):
+    """Serve the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models) plus /health and /metrics."""
+    try:
+        from .server import Settings, serve
+    except ImportError as e:
+        raise MjsdError(f"the server is not installed ({e}); install it with: pip install 'mjsd[serve]'")
+    from .engine import Engine
+
+    engine = Engine.from_bundle(bundle, provider=provider.split(",") if provider else None, threads=threads,
+                                profile=profile, meter=None if meter == "none" else meter, power_budget=power_budget)
+    serve(engine, host, port, Settings(api_key=api_key, max_queue=max_queue, timeout_s=timeout,
+                                       grace_s=grace_period, power_budget=power_budget, model_id=model_name))
+
+
 # --- bench: algorithms side by side on a prompt set (runtime/bench.py) ------------------------------------------------
 
 @main.command("bench")
