@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 from dataclasses import dataclass, field
-from pathlib import Path
+from functools import cached_property
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from .errors import BundleError
@@ -37,6 +39,8 @@ _MODEL_FIELDS: dict[str, type | tuple[type, ...]] = {
     "inputs": list,
     "outputs": list,
 }
+# KV cache dtypes a bundle may declare, and the ONNX Runtime type of their past/present tensors.
+KV_DTYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -134,10 +138,20 @@ class Bundle:
     def model(self, role: str) -> ModelSpec:
         return {"target": self.target, "draft": self.draft}[role]
 
-    def load_tokenizer(self):
+    @cached_property
+    def tokenizer(self):
+        """The parsed tokenizer (load_bundle parses it, so a broken tokenizer.json is refused at load)."""
         from tokenizers import Tokenizer
 
-        return Tokenizer.from_file(str(self.tokenizer_path))
+        try:
+            return Tokenizer.from_file(str(self.tokenizer_path))
+        except Exception as e:  # tokenizers raises a plain Exception with serde's message
+            raise BundleError(f"tokenizer {self.manifest['tokenizer']['path']}: the tokenizers library cannot parse "
+                              f"it ({_first_line(e)}); the file is corrupt or from an unsupported version, "
+                              "re-export the bundle with `mjsd export`") from None
+
+    def load_tokenizer(self):
+        return self.tokenizer
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -166,43 +180,221 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> None:
         _require(e["vocab_size"] >= m["vocab_size"], f"{where}: models.{role}.vocab_size {e['vocab_size']} "
                  f"is smaller than the shared vocabulary {m['vocab_size']}")
         _require(e["path"] in e["files"], f"{where}: models.{role}.files does not list its graph {e['path']}")
+        _require(e["dtype"] in KV_DTYPES, f"{where}: models.{role}.dtype {e['dtype']!r} is not a KV cache dtype this "
+                 f"mjsd knows ({', '.join(KV_DTYPES)}); re-export the bundle with this version of `mjsd export`")
         _require(not e.get("tree_attention") or "attention_bias" in e["inputs"], f"{where}: models.{role} claims "
                  "tree_attention but its graph has no attention_bias input; re-export the bundle")
+    _require(m["tokenizer"]["path"] in m["tokenizer"]["files"], f"{where}: tokenizer.files does not list "
+             f"tokenizer.path {m['tokenizer']['path']}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _unreadable(what: str, rel: str, root: Path, e: OSError) -> BundleError:
+    return BundleError(f"{what}: cannot read {rel} in the bundle at {root} ({e.strerror or e}); make the bundle "
+                       f"readable (e.g. chmod -R a+rX {root}) or run as a user that may read it")
+
+
+def resolve_inside(root: Path, rel: Any, what: str) -> Path:
+    """The bundle file `rel` names, refused when the name could reach outside the bundle: an absolute path, a '..'
+    component, or a path that resolves (through symlinks) outside `root`. Nothing is read; symlinks are only
+    followed by resolve(). Every path a bundle names goes through here before any other use."""
+    def crafted(why: str) -> str:
+        return (f"{what}: {rel!r} {why}; a bundle only names files inside its own directory, so this one is crafted "
+                "or corrupt: do not use it, re-export it with `mjsd export`")
+
+    _require(isinstance(rel, str) and rel.strip() != "" and "\0" not in rel, crafted("is not a file name"))
+    win = PureWindowsPath(rel)
+    _require(not (rel.startswith(("/", "\\")) or win.is_absolute() or win.drive), crafted("is an absolute path"))
+    _require(".." not in PurePosixPath(rel.replace("\\", "/")).parts, crafted("contains '..'"))
+    path = root / rel
+    real, real_root = path.resolve(), root.resolve()
+    _require(real == real_root or real.is_relative_to(real_root),
+             crafted(f"resolves through a symlink to {real}, outside the bundle"))
+    return path
 
 
 def _check_files(root: Path, files: dict[str, str], what: str, verify: bool) -> None:
     for rel, digest in files.items():
-        p = root / rel
+        p = resolve_inside(root, rel, what)
         _require(p.is_file(), f"{what}: file {rel} is missing from the bundle at {root}; the bundle is incomplete, "
                  "re-export it with `mjsd export`")
         if verify:
-            _require(sha256_file(p) == digest, f"{what}: {rel} does not match its sha256 in {MANIFEST} (corrupt or "
-                     "modified file); re-export the bundle or restore the file")
+            try:
+                ok = sha256_file(p) == digest
+            except OSError as e:
+                raise _unreadable(what, rel, root, e) from None
+            _require(ok, f"{what}: {rel} does not match its sha256 in {MANIFEST} (corrupt or modified file); "
+                     "re-export the bundle or restore the file")
+
+
+# --- external data locations, read from the ONNX protobuf without the onnx package -----------------------------------
+# Field numbers of onnx.proto3 on the paths that can hold a TensorProto: tensors may keep their bytes in a file
+# named by external_data["location"], relative to the graph's directory.
+_MODEL_GRAPH, _MODEL_FUNCTIONS = 7, 25
+_GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_SPARSE_INITIALIZER = 1, 5, 15
+_NODE_ATTRIBUTE, _FUNCTION_NODE = 5, 7
+_ATTR_TENSOR, _ATTR_GRAPH, _ATTR_TENSORS, _ATTR_GRAPHS, _ATTR_SPARSE, _ATTR_SPARSES = 5, 6, 10, 11, 22, 23
+_SPARSE_VALUES, _SPARSE_INDICES = 1, 2
+_TENSOR_EXTERNAL_DATA = 13
+_ENTRY_KEY, _ENTRY_VALUE = 1, 2
+
+
+def _varint(buf, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def _fields(buf, start: int, end: int):
+    """(field number, (start, end)) of every length-delimited field of one message; other fields are skipped."""
+    i = start
+    while i < end:
+        key, i = _varint(buf, i)
+        wire = key & 7
+        if wire == 0:
+            _, i = _varint(buf, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            if i + n > end:
+                raise ValueError("a field runs past the end of its message")
+            yield key >> 3, (i, i + n)
+            i += n
+        else:  # groups (3, 4) are not in onnx.proto; anything else is not protobuf
+            raise ValueError(f"wire type {wire}")
+    if i != end:
+        raise ValueError("the last field runs past the end of its message")
+
+
+# message kind -> {field number: message kind of that field}
+_WALK = {
+    "model": {_MODEL_GRAPH: "graph", _MODEL_FUNCTIONS: "function"},
+    "function": {_FUNCTION_NODE: "node"},
+    "graph": {_GRAPH_NODE: "node", _GRAPH_INITIALIZER: "tensor", _GRAPH_SPARSE_INITIALIZER: "sparse"},
+    "node": {_NODE_ATTRIBUTE: "attribute"},
+    "attribute": {_ATTR_TENSOR: "tensor", _ATTR_GRAPH: "graph", _ATTR_TENSORS: "tensor", _ATTR_GRAPHS: "graph",
+                  _ATTR_SPARSE: "sparse", _ATTR_SPARSES: "sparse"},
+    "sparse": {_SPARSE_VALUES: "tensor", _SPARSE_INDICES: "tensor"},
+}
+
+
+def external_data_locations(path: Path) -> list[str]:
+    """Every external_data location named by a tensor of the ONNX graph at `path` (initializers, Constant nodes,
+    subgraphs, functions). Raises ValueError when the file is not a well-formed protobuf."""
+    with open(path, "rb") as f:
+        if f.seek(0, 2) == 0:
+            raise ValueError("the file is empty")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            found: list[str] = []
+            todo = [("model", 0, len(buf))]
+            while todo:
+                kind, start, end = todo.pop()
+                for num, (a, b) in _fields(buf, start, end):
+                    if kind == "tensor":
+                        if num == _TENSOR_EXTERNAL_DATA:
+                            entry = dict(_fields(buf, a, b))
+                            if bytes(buf[slice(*entry.get(_ENTRY_KEY, (0, 0)))]) == b"location":
+                                found.append(bytes(buf[slice(*entry.get(_ENTRY_VALUE, (0, 0)))]).decode("utf-8"))
+                    elif num in _WALK[kind]:
+                        todo.append((_WALK[kind][num], a, b))
+            return found
+
+
+def _check_external_data(root: Path, spec: dict[str, Any], what: str) -> None:
+    """Each external data file of the graph must be inside the bundle and listed (hashed) in the manifest."""
+    rel = spec["path"]
+    _require((root / rel).is_file(), f"{what}: file {rel} is missing from the bundle at {root}; the bundle is "
+             "incomplete, re-export it with `mjsd export`")
+    try:
+        locations = external_data_locations(root / rel)
+    except OSError as e:
+        raise _unreadable(what, rel, root, e) from None
+    except (ValueError, IndexError, UnicodeDecodeError) as e:  # IndexError: a varint cut by the end of the file
+        raise BundleError(f"{what}: {rel} is not a valid ONNX file ({e or 'truncated'}); the file is corrupt, "
+                          "re-export the bundle with `mjsd export`") from None
+    for loc in locations:
+        resolve_inside(root / PurePosixPath(rel).parent, loc, f"{what}: external data of {rel}")
+        full = (PurePosixPath(rel).parent / loc).as_posix()
+        _require(full in spec["files"], f"{what}: {rel} keeps weights in {loc}, which {MANIFEST} does not list (so "
+                 "its sha256 is unchecked); the bundle is crafted or corrupt, re-export it with `mjsd export`")
 
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Load and validate a bundle. `verify` checks every file's sha256 (cheap next to loading the graphs)."""
+    """Load and validate a bundle: every path it names stays inside it (checked before anything is read), every
+    file is present (and matches its sha256 with `verify`), graphs keep their weights only in listed bundle files,
+    and the tokenizer parses. The graphs' I/O is checked against the manifest when a session opens them."""
     root = Path(path).expanduser()
     _require(root.exists(), f"no model bundle at {root}: the path does not exist")
     _require(root.is_dir(), f"{root} is a file; a model bundle is a directory holding {MANIFEST}")
-    mpath = root / MANIFEST
-    _require(mpath.is_file(), f"{root} is not an mjsd bundle: it has no {MANIFEST}. Create one with `mjsd export`.")
+    _require((root / MANIFEST).is_file(), f"{root} is not an mjsd bundle: it has no {MANIFEST}. Create one with "
+             "`mjsd export`.")
+    mpath = resolve_inside(root, MANIFEST, "manifest")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise _unreadable("manifest", MANIFEST, root, e) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{mpath} is not valid JSON ({e}); the manifest is corrupt, re-export the bundle") from None
     validate_manifest(manifest, str(mpath))
-    _check_files(root, manifest["tokenizer"]["files"], "tokenizer", verify)
+    tok = manifest["tokenizer"]
+    for what, names in (("tokenizer", [tok["path"], *tok["files"]]),
+                        *((f"{r} model", [manifest["models"][r]["path"], *manifest["models"][r]["files"]])
+                          for r in ROLES)):
+        for rel in names:
+            resolve_inside(root, rel, what)
+    for role in ROLES:  # the graphs are inside; what they point to is checked before ORT or a hash reads it
+        _check_external_data(root, manifest["models"][role], f"{role} model")
+    _check_files(root, tok["files"], "tokenizer", verify)
     specs = {}
     for role in ROLES:
         _check_files(root, manifest["models"][role]["files"], f"{role} model", verify)
         specs[role] = ModelSpec(role, root, manifest["models"][role])
-    return Bundle(root, manifest, specs["target"], specs["draft"])
+    bundle = Bundle(root, manifest, specs["target"], specs["draft"])
+    bundle.tokenizer  # noqa: B018 - parse now: a broken tokenizer is a load error, not a first-request error
+    return bundle
 
 
-def check_session_io(spec: ModelSpec, input_names: list[str], output_names: list[str]) -> None:
-    """Compare a loaded graph's I/O names with the manifest's; refuse a mismatched graph clearly."""
-    for kind, declared, actual in (("inputs", spec.inputs, input_names), ("outputs", spec.outputs, output_names)):
-        missing, extra = sorted(set(declared) - set(actual)), sorted(set(actual) - set(declared))
+def check_session_io(spec: ModelSpec, inputs: list, outputs: list) -> None:
+    """Compare a loaded graph's I/O with the manifest; refuse a mismatched graph with one clear line.
+
+    inputs / outputs: ONNX Runtime's NodeArgs (name, shape, type), or plain names (then only names are checked).
+    Checked: the names, the number of KV layers, the KV heads and head_dim of every past/present tensor, their
+    dtype, and the logit width, i.e. every manifest dimension the runtime sizes its buffers with."""
+    names = {kind: [getattr(a, "name", a) for a in args] for kind, args in (("inputs", inputs), ("outputs", outputs))}
+    for kind, declared in (("inputs", spec.inputs), ("outputs", spec.outputs)):
+        missing, extra = sorted(set(declared) - set(names[kind])), sorted(set(names[kind]) - set(declared))
         _require(not missing and not extra, f"{spec.role} model {spec.path.name}: graph {kind} do not match the "
                  f"manifest (missing {missing}, unexpected {extra}); the bundle is mismatched, re-export it")
+
+    def mismatch(what: str, manifest_value, graph_value) -> str:
+        return (f"{spec.role} model {spec.path.name}: the manifest says {what}={manifest_value} but the graph has "
+                f"{graph_value}; bundle.json was edited or belongs to another graph, re-export the bundle")
+
+    layers = sum(n.startswith("past_key_values.") and n.endswith(".key") for n in names["inputs"])
+    _require(layers == spec.num_layers, mismatch("num_layers", spec.num_layers, layers))
+    kv = [a for a in [*inputs, *outputs] if isinstance(getattr(a, "name", a), str) and hasattr(a, "shape")
+          and a.name.startswith(("past_key_values.", "present."))]
+    for a in kv:  # [batch, kv heads, sequence, head_dim]; symbolic dims (str / None) cannot be checked
+        shape = list(a.shape or [])
+        _require(len(shape) == 4, mismatch(f"a 4-D {a.name}", "[batch, kv_heads, seq, head_dim]", shape))
+        for axis, what, want in ((1, "num_kv_heads", spec.num_kv_heads), (3, "head_dim", spec.head_dim)):
+            _require(not isinstance(shape[axis], int) or shape[axis] == want,
+                     mismatch(what, want, f"{shape[axis]} ({a.name} {shape})"))
+        _require(a.type == KV_DTYPES[spec.dtype], mismatch("dtype", spec.dtype, f"{a.type} ({a.name})"))
+    logits = next((a for a in outputs if getattr(a, "name", a) == "logits" and hasattr(a, "shape")), None)
+    if logits is not None and logits.shape and isinstance(logits.shape[-1], int):
+        _require(logits.shape[-1] == spec.vocab_size, mismatch("vocab_size", spec.vocab_size, logits.shape[-1]))

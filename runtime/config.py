@@ -6,6 +6,7 @@ MCSD tree (4 leaves); MCSD sampling without replacement (higher acceptance in th
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from .errors import ConfigError
@@ -20,7 +21,7 @@ def _check(ok: bool, name: str, value, valid: str) -> None:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    algo: str = "ar"  # a key of mjsd.runtime.decoding.ALGORITHMS
+    algo: str = "mtad"  # a key of mjsd.runtime.decoding.ALGORITHMS; the CLI and Engine take this default too
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 = greedy / deterministic mode
     top_k: int = 0  # 0 = off
@@ -48,7 +49,7 @@ class GenerationConfig:
         _check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens,
                "an integer >= 1")
         _check(_is_num(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
-               "a number >= 0 (0 = greedy)")
+               "a finite number >= 0 (0 = greedy)")
         _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
         _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1] (1 = off)")
         _check(self.seed is None or (_is_int(self.seed) and self.seed >= 0), "seed", self.seed,
@@ -90,4 +91,5 @@ def _is_int(x) -> bool:
 
 
 def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # x == x refuses NaN
+    """A finite real number: inf and NaN are refused (inf temperature would silently emit EOS at once)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -19,6 +19,7 @@ Stop a generation with `stream.close()` (or `with engine.stream(...) as s:`) fro
 """
 from __future__ import annotations
 
+import numbers
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -27,8 +28,10 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
+
 from .bundle import Bundle, load_bundle
-from .config import GenerationConfig
+from .config import GenerationConfig, _is_num
 from .decoding import stream_ids
 from .decoding.common import DecodeContext
 from .errors import ConfigError
@@ -150,6 +153,8 @@ class Engine:
         """
         from .profiles import load_profile
 
+        if power_budget is not None and not (_is_num(power_budget) and power_budget > 0):
+            raise ConfigError(f"power_budget={power_budget!r} is invalid: give a finite number of watts > 0")
         prof = load_profile(profile) if isinstance(profile, (str, Path)) else profile
         bundle = load_bundle(path if path is not None else builtin_bundle_path(), verify=verify)
         if provider is None:
@@ -180,9 +185,10 @@ class Engine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ConfigError("the prompt is empty: give some text to continue")
+            check_utf8(prompt)
             ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
         else:
-            ids = [int(t) for t in prompt]
+            ids = check_token_ids(prompt, self.bundle.vocab_size)
         bos = self.bundle.bos_token_id
         return ids if bos is None or (ids and ids[0] == bos) else [bos, *ids]
 
@@ -191,8 +197,8 @@ class Engine:
 
     # --- generation ---------------------------------------------------------------------------------------------
     def config(self, config: GenerationConfig | None = None, **params) -> GenerationConfig:
-        """A validated GenerationConfig: `config` (or the defaults with algo="mtad") updated with `params`."""
-        base = config or GenerationConfig(algo="mtad")
+        """A validated GenerationConfig: `config` (or the defaults) updated with `params`."""
+        base = config or GenerationConfig()
         unknown = sorted(set(params) - set(base.to_dict()))
         if unknown:
             raise ConfigError(f"unknown generation parameter(s) {unknown}; valid: {sorted(base.to_dict())}")
@@ -264,6 +270,38 @@ class Engine:
             stats.finish_reason = "cancelled"
         finally:
             rounds.close()
+
+
+def check_utf8(text: str) -> None:
+    """Refuse text with lone surrogates: how Python hands over undecodable bytes of argv (and surrogateescape
+    streams); the tokenizer would fail on them with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(f"the prompt is not valid UTF-8 (undecodable byte 0x{ord(text[e.start]) - 0xDC00:02x} at "
+                          f"character {e.start}); convert it to UTF-8 first, e.g. with iconv -t UTF-8") from None
+
+
+def check_token_ids(prompt, vocab_size: int) -> list[int]:
+    """A prompt given as token ids: a sequence of integers in 0..vocab_size-1 (no floats, bools or bytes, which
+    would be reinterpreted silently)."""
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        raise ConfigError("the prompt is bytes: decode it to a str (text) or pass a list of int token ids")
+    try:
+        ids = list(prompt)
+    except TypeError:
+        raise ConfigError(f"the prompt must be a str or a list of int token ids, not {type(prompt).__name__}") from None
+    bad = next((t for t in ids if not isinstance(t, numbers.Integral) or isinstance(t, (bool, np.bool_))), None)
+    if bad is not None:
+        raise ConfigError(f"prompt token id {bad!r} ({type(bad).__name__}) is not an integer: pass a str or a list "
+                          "of int token ids")
+    ids = [int(t) for t in ids]
+    if not ids:
+        raise ConfigError("the prompt is empty: give some text or at least one token id")
+    if not all(0 <= t < vocab_size for t in ids):
+        raise ConfigError(f"prompt token ids must lie in 0..{vocab_size - 1} (the shared vocabulary); got "
+                          f"{min(ids)}..{max(ids)}")
+    return ids
 
 
 TUNABLE = ("sps", "mjsd", "mtad", "mmtad")  # algorithms whose gamma (and beam width) the power controller may change

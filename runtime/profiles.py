@@ -40,6 +40,7 @@ more (or much less) than it. It is only the default budget; measure and pass --p
 """
 from __future__ import annotations
 
+import math
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -250,6 +251,9 @@ def _check_table(data: dict, schema: dict, prefix: str, text: str, where: str) -
         elif isinstance(value, bool) or not isinstance(value, kind):
             name = "a number" if kind is _NUM else _TYPE_NAMES.get(kind, str(kind))
             raise ConfigError(f"profile {where}{_line_of(text, full)}: key {full!r} must be {name}, got {value!r}")
+        elif kind is _NUM and not math.isfinite(value):  # TOML allows inf and nan
+            raise ConfigError(f"profile {where}{_line_of(text, full)}: key {full!r} must be a finite number, got "
+                              f"{value!r}")
 
 
 def _line_of(text: str, key: str) -> str:

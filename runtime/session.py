@@ -52,7 +52,7 @@ class ModelSession:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BundleError(f"{spec.role} model {spec.path}: ONNX Runtime could not load the graph ({first}); "
                               "the file is corrupt or incompatible, re-export the bundle with `mjsd export`") from None
-        check_session_io(spec, [i.name for i in self._sess.get_inputs()], [o.name for o in self._sess.get_outputs()])
+        check_session_io(spec, self._sess.get_inputs(), self._sess.get_outputs())
         self.spec = spec
         self.providers = self._sess.get_providers()
         on_gpu = self.providers[0] in (ORT_NAMES["cuda"], ORT_NAMES["tensorrt"])

@@ -229,7 +229,7 @@ def test_streaming_yields_rounds(llama):
 def test_stopping_a_stream_early_still_finalises_stats(llama):
     _, target, _ = llama
     stats = GenerationStats()
-    gen = stream_ids(target, PROMPTS[0], GenerationConfig(max_new_tokens=50), stats)
+    gen = stream_ids(target, PROMPTS[0], GenerationConfig(algo="ar", max_new_tokens=50), stats)
     next(gen)
     gen.close()
     assert stats.generated_tokens == 1 and stats.wall_time_s > 0 and stats.target_calls == 2
@@ -244,7 +244,7 @@ def test_context_overflow_refused_up_front(llama):
         run(target, [1] * 10, draft, algo="sps", gamma=4, max_new_tokens=ctx - 10 - 4 + 2)
     assert target.calls == calls
     run(target, [1] * 10, draft, algo="sps", gamma=4, max_new_tokens=ctx - 10 - 4 + 1, ignore_eos=True)
-    with pytest.raises(ContextLengthError, match="the prompt must be shorter"):
+    with pytest.raises(ContextLengthError, match=f"shorten the prompt to at most {ctx} tokens"):
         run(target, [1] * (ctx + 1), algo="ar", max_new_tokens=1)
 
 
@@ -281,7 +281,7 @@ def test_config_refusals_name_parameter_value_and_range(field, value, valid):
 def test_config_defaults_and_normalisation():
     c = GenerationConfig(algo="sps", k_config=[3, 1], stop="END")
     assert c.k_config == (3, 1) and c.stop == ("END",) and c.gamma == 4 and c.tau == 0.5
-    assert c.lookahead == 4 and GenerationConfig().lookahead == 0
+    assert c.lookahead == 4 and GenerationConfig(algo="ar").lookahead == 0 and GenerationConfig().algo == "mtad"
     assert set(ALGORITHMS) >= {"ar", "sps"}
     with pytest.raises(ConfigError):
         dataclasses.replace(c, gamma=0)

@@ -74,13 +74,21 @@ def test_missing_file(bundle):
         load_bundle(bundle)
 
 
-def test_truncated_graph_with_matching_sha_fails_clearly_in_the_session(bundle):
-    from mjsd.runtime.session import ModelSession
-
+def test_truncated_graph_with_matching_sha_is_refused_at_load(bundle):
     graph = bundle / "draft" / "model.onnx"
     graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 3])
     _edit(bundle, lambda m: m["models"]["draft"]["files"].update({"draft/model.onnx": sha256_file(graph)}))
-    b = load_bundle(bundle)  # the manifest is consistent; only ONNX Runtime can tell the graph is broken
+    with pytest.raises(BundleError, match="draft model: draft/model.onnx is not a valid ONNX file"):
+        load_bundle(bundle)  # the manifest is consistent; the protobuf walk for external data finds the cut
+
+
+def test_well_formed_protobuf_that_is_no_graph_fails_clearly_in_the_session(bundle):
+    from mjsd.runtime.session import ModelSession
+
+    graph = bundle / "draft" / "model.onnx"
+    graph.write_bytes(b"\x08\x07")  # ModelProto{ir_version: 7} and nothing else
+    _edit(bundle, lambda m: m["models"]["draft"]["files"].update({"draft/model.onnx": sha256_file(graph)}))
+    b = load_bundle(bundle)  # only ONNX Runtime can tell this is no usable graph
     with pytest.raises(BundleError, match="draft model .*ONNX Runtime could not load the graph"):
         ModelSession(b.draft)
 

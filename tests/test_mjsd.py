@@ -115,7 +115,7 @@ def test_mjsd_finds_the_joint_argmax_greedy_misses(tiny):
     for prompt in TINY_PROMPTS:
         joint, _ = gen(target, prompt, same, algo="mjsd", gamma=2, beam_width=b.vocab_size, max_new_tokens=2)
         assert joint == gen(target, prompt, algo="mjgd", gamma=2, max_new_tokens=2)[0]
-        greedy, _ = gen(target, prompt, max_new_tokens=2)
+        greedy, _ = gen(target, prompt, algo="ar", max_new_tokens=2)
         scores = joint_logp(target, prompt, [joint, greedy], b.vocab_size)
         assert scores[0] >= scores[1] - 1e-5
         beaten += scores[0] > scores[1] + 1e-3
@@ -126,7 +126,7 @@ def test_deterministic_mjsd_scores_real_likelihoods(tiny):
     """At T = 0 one-hot scores would make MJSD plain greedy verification (= AR greedy); real likelihoods do not."""
     _, target, same = tiny
     differs = [gen(target, p, same, algo="mjsd", gamma=3, beam_width=4, max_new_tokens=12)[0] !=
-               gen(target, p, max_new_tokens=12)[0] for p in TINY_PROMPTS]
+               gen(target, p, algo="ar", max_new_tokens=12)[0] for p in TINY_PROMPTS]
     assert any(differs)
 
 

@@ -26,8 +26,14 @@ def check_context(prompt_len: int, cfg: GenerationConfig, max_context: int) -> N
     need = prompt_len + cfg.max_new_tokens - 1 + cfg.lookahead
     if need > max_context:
         fits = max_context - prompt_len - cfg.lookahead + 1
-        hint = (f"at most max_new_tokens={fits} fit with this prompt" if fits >= 1 else
-                f"the prompt must be shorter than {max_context - cfg.lookahead} tokens")
+        longest = max_context - cfg.lookahead  # prompt tokens that leave room for one new token
+        if fits >= 1:
+            hint = f"at most max_new_tokens={fits} fit with this prompt"
+        elif longest >= 1:
+            hint = f"shorten the prompt to at most {longest} tokens"
+        else:
+            hint = (f"{cfg.algo}'s lookahead alone exceeds the context: lower gamma / beam_width / k_config or "
+                    "use algo='ar'")
         raise ContextLengthError(
             f"prompt of {prompt_len} tokens + max_new_tokens={cfg.max_new_tokens} (+{cfg.lookahead} lookahead "
             f"positions for {cfg.algo}) needs {need} positions but the model context is {max_context}: {hint}")

@@ -160,8 +160,8 @@ class PowerController:
 
     def set_budget(self, watts: float | None) -> None:
         """A new budget (e.g. the power mode changed): forget probe failures; the guard re-checks the current one."""
-        if watts is not None and not watts > 0:
-            raise ConfigError(f"power budget must be positive watts, got {watts!r}")
+        if watts is not None and not (watts > 0 and math.isfinite(watts)):
+            raise ConfigError(f"power budget must be a finite number of watts > 0, got {watts!r}")
         if watts != self.budget_w:
             self.budget_w = watts
             self._tabu.clear()
