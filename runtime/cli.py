@@ -1,34 +1,86 @@
 """The `mjsd` command line. Each subcommand is a thin layer over the Python API."""
 from __future__ import annotations
 
-import functools
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
 import click
 
+from .config import GenerationConfig
 from .errors import MjsdError
 
+# Exit codes (README "Exit codes"): 0 success, 1 error, 2 usage (a bad flag or value), 130 interrupted (Ctrl-C).
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+class _Group(click.Group):
+    """The one error path of the CLI: every failure becomes one line on stderr, "error: <cause>; <fix>", and an
+    exit code; no traceback unless MJSD_DEBUG=1 (then unexpected errors are re-raised)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        ctx_name = None
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:  # bad flag, value or argument
+            hint = f" (see: {e.ctx.command_path} --help)" if e.ctx is not None else ""
+            code, line = EXIT_USAGE, f"{_one_line(e.format_message())}{hint}"
+        except (click.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+            code, line = EXIT_INTERRUPTED, "interrupted"
+        except click.ClickException as e:
+            code, line = e.exit_code, _one_line(e.format_message())
+        except MjsdError as e:
+            code, line = EXIT_ERROR, _one_line(e)
+        except BrokenPipeError:  # the reader went away (mjsd generate ... | head): not an error worth a line
+            sys.stderr.close()
+            sys.exit(EXIT_ERROR)
+        except OSError as e:  # disk full, permission denied on an output...
+            code, line = EXIT_ERROR, _one_line(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}; "
+                                               "check the path and its permissions or free space")
+        except Exception as e:
+            if os.environ.get("MJSD_DEBUG"):
+                raise
+            code, line = EXIT_ERROR, _one_line(f"internal error ({type(e).__name__}: {e}); this is a bug in mjsd, "
+                                               "please report it with the output of MJSD_DEBUG=1 mjsd ...")
+        else:
+            sys.exit(rv if isinstance(rv, int) else 0)  # --help / --version return their exit code
+        del ctx_name
+        click.echo(f"error: {line}", err=True)
+        sys.exit(code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mjsd")
 def main() -> None:
-    """mjsd: energy-aware multi-token joint speculative decoding on ONNX Runtime."""
+    """mjsd: energy-aware multi-token joint speculative decoding on ONNX Runtime.
+
+    Exit codes: 0 success, 1 error, 2 usage error, 130 interrupted."""
 
 
 def reports_errors(fn):
-    """Decorator for subcommands: an MjsdError becomes one line on stderr and exit code 1, without a traceback."""
+    """Marks a subcommand; its errors are reported by the group (_Group.main), the CLI's one error path."""
+    return fn
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except MjsdError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
 
-    return wrapper
+class _Finite(click.types.FloatParamType):
+    """A float option that refuses inf and NaN (click's float accepts both)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        x = super().convert(value, param, ctx)
+        if not math.isfinite(x):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return x
+
+
+FINITE = _Finite()
 
 
 # --- export / inspect: build and describe bundles -------------------------------------------------------------------
@@ -124,15 +176,17 @@ def export_cmd(target, draft, out, quantize, quantize_target, quantize_draft, fp
 
 
 @main.command("inspect")
-@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("bundle", type=click.Path(path_type=Path), required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of every file.")
 @reports_errors
 def inspect_cmd(bundle, as_json, no_verify):
-    """Describe a bundle: models, layers, KV heads, head dim, vocabulary, context, dtype, sizes, provenance."""
+    """Describe a bundle (default: the built-in one): models, layers, KV heads, head dim, vocabulary, context, dtype,
+    sizes, provenance."""
     from .bundle import load_bundle
+    from .engine import builtin_bundle_path
 
-    b = load_bundle(bundle, verify=not no_verify)
+    b = load_bundle(bundle if bundle is not None else builtin_bundle_path(), verify=not no_verify)
     if as_json:
         click.echo(json.dumps({**b.manifest, "verified": not no_verify}, indent=2))
     else:
@@ -280,14 +334,52 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
         raise MjsdError("give the prompt either as an argument or with --file, not both")
     if prompt_file is not None:
         try:
-            return prompt_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise MjsdError(f"cannot read the prompt file {prompt_file}: {e}") from None
+            return _utf8(prompt_file.read_bytes(), f"the prompt file {prompt_file}")
+        except OSError as e:
+            raise MjsdError(f"cannot read the prompt file {prompt_file}: {e.strerror or e}; check the path and its "
+                            "permissions") from None
     if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
-        return sys.stdin.read()
+        return _utf8(sys.stdin.buffer.read(), "the prompt on stdin")
     if prompt is None:
         raise MjsdError('no prompt: pass one as an argument (mjsd generate "def f(x):"), with --file, or on stdin')
     return prompt
+
+
+def _utf8(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MjsdError(f"{what} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); convert it "
+                        "first, e.g. iconv -f LATIN1 -t UTF-8") from None
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "'": "'", '"': '"', "0": "\0", "a": "\a", "b": "\b",
+            "f": "\f", "v": "\v", "?": "?"}
+
+
+def unescape(text: str) -> str:
+    """Process backslash escapes as llama.cpp does for --stop / prompts: \\n \\t \\r \\\\ \\' \\" \\xHH; an unknown
+    escape is kept as written."""
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            nxt = text[i + 1]
+            if nxt in _ESCAPES:
+                out.append(_ESCAPES[nxt])
+                i += 2
+                continue
+            if nxt == "x" and len(text) >= i + 4 and all(ch in "0123456789abcdefABCDEF" for ch in text[i + 2:i + 4]):
+                out.append(chr(int(text[i + 2:i + 4], 16)))
+                i += 4
+                continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _stops(ctx, param, value):
+    return tuple(unescape(v) for v in value)
 
 
 def _k_config(ctx, param, value):
@@ -317,10 +409,10 @@ def format_stats(stats: dict) -> str:
                      f"over {s['rounds']} rounds; per position {per_pos}")
     e = s.get("energy")
     if e:
-        label = " ESTIMATED (no sensor)" if e.get("estimated") else ""
+        source = "ESTIMATED (no power sensor: CPU-time model)" if e.get("estimated") else f"source {e['source']}"
         jpt = e.get("j_per_token")
         lines.append(f"energy   {e['energy_j']:.3f} J, {jpt if jpt is None else round(jpt, 4)} J/token, avg "
-                     f"{e['avg_w']:.2f} W, peak {e['peak_w']:.2f} W, source {e['source']}{label}")
+                     f"{e['avg_w']:.2f} W, peak {e['peak_w']:.2f} W, {source}")
     if s.get("controller"):
         last = s["controller"][-1]
         lines.append(f"budget   {len(s['controller'])} controller decisions; last: {json.dumps(last)}")
@@ -331,24 +423,25 @@ def format_stats(stats: dict) -> str:
 @click.argument("prompt", required=False)
 @click.option("-f", "--file", "prompt_file", type=click.Path(path_type=Path), help="Read the prompt from a file.")
 @click.option("--bundle", type=click.Path(path_type=Path), help="Model bundle (default: the built-in one).")
-@click.option("--algo", type=click.Choice(["ar", "sps", "mjsd", "mtad", "mmtad", "mcsd", "mjgd"]), default="mtad",
-              show_default=True, help="Decoding algorithm.")
+@click.option("--algo", type=click.Choice(["ar", "sps", "mjsd", "mtad", "mmtad", "mcsd", "mjgd"]),
+              default=GenerationConfig.algo, show_default=True, help="Decoding algorithm.")
 @click.option("-n", "--max-new-tokens", type=int, default=128, show_default=True)
-@click.option("--temperature", "--temp", type=float, default=0.0, show_default=True, help="0 = greedy/deterministic.")
+@click.option("--temperature", "--temp", type=FINITE, default=0.0, show_default=True, help="0 = greedy/deterministic.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = off.")
+@click.option("--top-p", type=FINITE, default=1.0, show_default=True, help="1 = off.")
 @click.option("--seed", type=int, help="Seed for sampling (reproducible runs).")
 @click.option("--gamma", "--draft-max", "gamma", type=int, default=4, show_default=True,
               help="Draft tokens per round (sps, mjsd, mtad).")
 @click.option("--beam-width", type=int, default=4, show_default=True, help="Draft beams (mjsd, mtad, mmtad).")
-@click.option("--tau", type=float, default=0.5, show_default=True, help="Joint acceptance threshold in (0, 1].")
+@click.option("--tau", type=FINITE, default=0.5, show_default=True, help="Joint acceptance threshold in (0, 1].")
 @click.option("--k-config", callback=_k_config, help="MCSD candidates per depth, e.g. 2,2,1.")
 @click.option("--mcsd-replacement/--mcsd-no-replacement", default=False, show_default=True,
               help="MCSD: sample candidates with or without replacement.")
 @click.option("--mcsd-strategy", type=click.Choice(["batch", "tree"]), default="batch", show_default=True,
               help="MCSD verification: one batch row per path, or one tree-attention sequence (needs a bundle "
                    "exported with --tree-attention).")
-@click.option("--stop", multiple=True, help="Stop after this string (repeatable).")
+@click.option("--stop", multiple=True, callback=_stops,
+              help="Stop after this string (repeatable); escapes like \\n are processed, as in llama.cpp.")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-text token.")
 @click.option("--provider", help="Execution provider preference, comma-separated: tensorrt,cuda,cpu "
               "(default: the profile's, else cpu).")
@@ -356,7 +449,7 @@ def format_stats(stats: dict) -> str:
 @click.option("--profile", help="Device profile (name or .toml path).")
 @click.option("--meter", type=click.Choice(["auto", "jetson", "nvml", "rapl", "estimate", "none"]), default="auto",
               show_default=True, help="Energy meter ('none': no energy accounting).")
-@click.option("--power-budget", type=float, help="Watts: adapt beam width and gamma to stay under it.")
+@click.option("--power-budget", type=FINITE, help="Watts: adapt beam width and gamma to stay under it.")
 @click.option("--objective", type=click.Choice(["throughput", "energy"]), help="What the controller optimises.")
 @click.option("--stats", "show_stats", is_flag=True, help="Print a statistics block (stderr) after the text.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, token ids, stats.")
@@ -383,8 +476,15 @@ def generate_cmd(prompt, prompt_file, bundle, algo, max_new_tokens, temperature,
         click.echo(json.dumps({"prompt": text, "text": stream.text, "tokens": stream.tokens,
                                "stats": stream.stats.to_dict()}))
         return
-    for piece in stream:
-        click.echo(piece, nl=False)
+    try:
+        for piece in stream:
+            click.echo(piece, nl=False)
+    except KeyboardInterrupt:  # the text so far and its statistics are still worth showing; exit 130 follows
+        stream.stats.finish_reason = stream.stats.finish_reason or "interrupted"
+        click.echo()
+        if show_stats:
+            click.echo(format_stats(stream.stats.to_dict()), err=True)
+        raise
     click.echo()
     if show_stats:
         click.echo(format_stats(stream.stats.to_dict()), err=True)
@@ -397,7 +497,7 @@ def generate_cmd(prompt, prompt_file, bundle, algo, max_new_tokens, temperature,
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
 @click.option("--profile", help="Device profile (name or .toml path).")
-@click.option("--power-budget", type=float, help="Watts: adapt beam width and gamma to stay under it.")
+@click.option("--power-budget", type=FINITE, help="Watts: adapt beam width and gamma to stay under it.")
 @click.option("--api-key", envvar="MJSD_API_KEY", help="Require 'Authorization: Bearer KEY' (env MJSD_API_KEY).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
               help="Generations admitted at once (running or waiting for their turn); more get HTTP 429.")
@@ -439,11 +539,11 @@ def serve_cmd(bundle, host, port, profile, power_budget, api_key, max_queue, tim
               help="Comma-separated algorithms; mcsd-tree is mcsd with the tree strategy.")
 @click.option("--temperatures", default="0,1", show_default=True, help="Comma-separated temperatures.")
 @click.option("--top-k", type=int, default=10, show_default=True, help="top-k at temperature > 0.")
-@click.option("--top-p", type=float, default=0.9, show_default=True, help="top-p at temperature > 0.")
+@click.option("--top-p", type=FINITE, default=0.9, show_default=True, help="top-p at temperature > 0.")
 @click.option("-n", "--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--gamma", type=int, default=4, show_default=True)
 @click.option("--beam-width", type=int, default=4, show_default=True)
-@click.option("--tau", type=float, default=0.5, show_default=True)
+@click.option("--tau", type=FINITE, default=0.5, show_default=True)
 @click.option("--threads", type=int, help="Intra-op threads per session.")
 @click.option("--meter", type=click.Choice(["auto", "jetson", "nvml", "rapl", "estimate", "none"]), default="auto",
               show_default=True)
@@ -461,6 +561,8 @@ def bench_cmd(bundle, prompts_file, limit, algos, temperatures, top_k, top_p, ma
 
     try:
         temps = [float(t) for t in temperatures.split(",")]
+        if not all(math.isfinite(t) for t in temps):
+            raise ValueError
     except ValueError:
         raise MjsdError(f"--temperatures {temperatures!r} must be comma-separated numbers, e.g. 0,1") from None
     algo_list = [a.strip() for a in algos.split(",") if a.strip()]
@@ -490,9 +592,12 @@ def bench_cmd(bundle, prompts_file, limit, algos, temperatures, top_k, top_p, ma
 def _list(kind):
     def parse(ctx, param, value):
         try:
-            return tuple(kind(v) for v in value.split(",") if v.strip()) if value else ()
+            values = tuple(kind(v) for v in value.split(",") if v.strip()) if value else ()
         except ValueError:
             raise click.BadParameter(f"{value!r} is not a comma-separated list of {kind.__name__} values") from None
+        if not all(math.isfinite(v) for v in values):
+            raise click.BadParameter(f"{value!r} holds a value that is not a finite number")
+        return values
     return parse
 
 
@@ -513,7 +618,7 @@ def _list(kind):
 @click.option("--budgets", default="", callback=_list(float),
               help="Power budgets in watts for sps/mjsd/mtad (extra cells steered by the controller).")
 @click.option("--top-k", type=int, default=10, show_default=True, help="top-k at temperature > 0.")
-@click.option("--top-p", type=float, default=0.9, show_default=True, help="top-p at temperature > 0.")
+@click.option("--top-p", type=FINITE, default=0.9, show_default=True, help="top-p at temperature > 0.")
 @click.option("-n", "--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
               help="Passes over the prompt set per configuration.")
