@@ -51,16 +51,33 @@ def build_decoder_graph(src: Path, out_dir: Path) -> Path:
     """Export the checkpoint at `src` with optimum (opset 18, fp32, CPU) into `out_dir`; return the graph path."""
     from optimum.exporters.onnx import main_export
 
+    from .sources import load_config, optimum_limitation
+
+    if why := optimum_limitation(load_config(src, "checkpoint")):
+        raise ExportError(f"cannot export {src} ({_architecture(src)}) with optimum: {why}; export it as a target "
+                          "with --tree-attention (mjsd's own torch export, which follows transformers' cache)")
     try:
         with _quiet():
             main_export(str(src), out_dir, task=TASK, opset=OPSET, device="cpu", do_validation=False,
                         local_files_only=True, library_name="transformers")
     except Exception as e:
-        raise ExportError(f"optimum could not export {src} as {TASK} ({reason(e)})") from None
+        raise ExportError(f"optimum could not export {src} ({_architecture(src)}) as {TASK} ({reason(e)}); "
+                          "try --tree-attention (mjsd's own torch export), or an architecture optimum supports") from None
     path = out_dir / GRAPH
     if not path.is_file():
         raise ExportError(f"optimum exported {src} but wrote no {GRAPH} (got {sorted(p.name for p in out_dir.iterdir())})")
     return path
+
+
+def _architecture(src: Path) -> str:
+    """The checkpoint's architecture for an error message (model_type and class names from config.json)."""
+    import json
+
+    try:
+        cfg = json.loads((Path(src) / "config.json").read_text(encoding="utf-8"))
+        return " / ".join(str(x) for x in [cfg.get("model_type"), *(cfg.get("architectures") or [])] if x)
+    except (OSError, ValueError):
+        return "unreadable config.json"
 
 
 def read_io(path: Path) -> dict[str, Any]:
@@ -86,13 +103,29 @@ def _save(model, path: Path) -> None:
                     location=path.name + ".data")
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
-    """Dynamic int8 weight quantization for the CPU execution provider (activations stay float)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+# Weight-only blocks of 32 input channels (onnxruntime-genai's builder default); symmetric like its int4 models.
+BLOCK_SIZE = 32
 
+
+def quantize(src: Path, dst: Path, kind: str) -> None:
+    """Quantize the weights of src into dst. int8 / int4: weight-only blockwise (ORT MatMulNBits; activations stay
+    float, so a call's logits do not depend on how many tokens it carries); int8-dynamic: quantize_dynamic (int8
+    weights and per-call activation scales: fast on CPU, but verification is no longer exact)."""
     big = src.stat().st_size + sum(p.stat().st_size for p in src.parent.glob(src.name + ".data*")) > _PROTO_LIMIT
+    if kind == "int8-dynamic":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with _quiet():
+            quantize_dynamic(src, dst, weight_type=QuantType.QInt8, use_external_data_format=big)
+        return
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    bits = {"int8": 8, "int4": 4}[kind]
     with _quiet():
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, use_external_data_format=big)
+        q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=BLOCK_SIZE, is_symmetric=True)
+        q.process()
+    _save(q.model.model, dst)
 
 
 def convert_fp16(src: Path, dst: Path) -> None:

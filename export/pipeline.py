@@ -20,7 +20,8 @@ from typing import Any
 from mjsd.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, ROLES, sha256_file, validate_manifest
 from mjsd.runtime.errors import ConfigError, ExportError
 
-QUANTIZATIONS = (None, "int8")
+# int8 / int4: weight-only (MatMulNBits), exact verification; int8-dynamic: activations quantized per call, not exact.
+QUANTIZATIONS = (None, "int8", "int4", "int8-dynamic")
 _VERSIONED = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "tokenizers", "numpy")
 
 
@@ -36,14 +37,15 @@ def require_export_deps() -> None:
 
 
 def per_model_quantization(quantize: str | dict[str, str | None] | None) -> dict[str, str | None]:
-    """`quantize` for both models ("int8"/None) or per role ({"target": "int8", "draft": None})."""
+    """`quantize` for both models (one of QUANTIZATIONS) or per role ({"target": "int8", "draft": None})."""
     q = dict(quantize) if isinstance(quantize, dict) else {role: quantize for role in ROLES}
     if unknown := set(q) - set(ROLES):
         raise ConfigError(f"quantize: unknown model role(s) {sorted(unknown)}; use 'target' and/or 'draft'")
     for role in ROLES:
         q.setdefault(role, None)
         if q[role] not in QUANTIZATIONS:
-            raise ConfigError(f"quantize for the {role}: {q[role]!r} is not supported; use 'int8' or none")
+            raise ConfigError(f"quantize for the {role}: {q[role]!r} is not supported; use int8, int4 (weight-only, "
+                              "exact verification), int8-dynamic (not exact) or none")
     return q
 
 
@@ -102,7 +104,13 @@ class _Checkpoint:
     max_context: int
 
 
-def _read_sources(given: dict[str, str], max_context: int | None):
+def _adjust(adjustments: list[str], what: str) -> None:
+    """Record a change the export makes to what was asked or given (manifest provenance.adjustments), and say it."""
+    adjustments.append(what)
+    print(f"export: note: {what}", file=sys.stderr)
+
+
+def _read_sources(given: dict[str, str], max_context: int | None, adjustments: list[str]):
     """Check both checkpoints and their shared tokenizer before any expensive step."""
     from . import sources, tokenizer_check
 
@@ -119,23 +127,34 @@ def _read_sources(given: dict[str, str], max_context: int | None):
         if dims["vocab_size"] < vocab:
             raise ExportError(f"{r} model has {dims['vocab_size']} logits but the tokenizer has {vocab} ids; "
                               "the checkpoint and its tokenizer do not belong together")
+        if dims["vocab_size"] > vocab:
+            _adjust(adjustments, f"{r} has {dims['vocab_size']} logits for {vocab} token ids: the padded columns "
+                                 "are dropped at run time")
         pos = sources.max_positions(configs[r])
         if pos is None and max_context is None:
             raise ExportError(f"{r} config declares no maximum position count; pass --max-context")
         ctx = min(x for x in (pos, max_context) if x is not None)
+        if max_context is not None and ctx < max_context:
+            _adjust(adjustments, f"{r} max_context capped from {max_context} to {ctx}: the config's "
+                                 "max_position_embeddings")
+        ctx = sources.cap_context(configs[r], ctx, r, lambda what: _adjust(adjustments, what))
         ckpts[r] = _Checkpoint(r, given[r], paths[r], configs[r], dims, ctx)
     return ckpts, toks["target"], vocab
 
 
-def _export_model(ck: _Checkpoint, bundle: Path, quantization: str | None, fp16: bool, validate: bool, ids,
-                  steps, tree_ids=None) -> dict[str, Any]:
+def _export_model(ck: _Checkpoint, bundle: Path, quantization: str | None, fp16: bool, validate: bool, vocab: int,
+                  steps, tree_attention: bool = False) -> dict[str, Any]:
     """Build, transform and validate one model's graph into bundle/<role>/; return its manifest entry.
-    tree_ids (validate.sample_tree_ids): build the graph that takes a 4-D attention bias (tree_graph.py) instead of
-    optimum's, and validate it on this tree too."""
+    tree_attention: build the graph that takes a 4-D attention bias (tree_graph.py) instead of optimum's, and
+    validate it on a token tree too."""
     from . import graph, sources, tree_graph
-    from .validate import reference_logits, validate_graph
+    from .validate import (exact_verification, reference_logits, sample_ids, sample_tree_ids, validate_graph,
+                           validation_lengths)
 
-    r, tree_attention = ck.role, tree_ids is not None
+    r = ck.role
+    lengths = validation_lengths(ck.config, ck.max_context)
+    ids = sample_ids(vocab, lengths)
+    tree_ids = sample_tree_ids(vocab, lengths) if tree_attention else None
     steps.set_description_str(f"{r}: exporting graph")
     work = Path(tempfile.mkdtemp(prefix=f"{r}-raw-", dir=bundle))
     raw = (tree_graph.build_tree_graph if tree_attention else graph.build_decoder_graph)(ck.path, work)
@@ -145,8 +164,8 @@ def _export_model(ck: _Checkpoint, bundle: Path, quantization: str | None, fp16:
     final = model_dir / graph.GRAPH
     precision = "fp16" if fp16 else (quantization or "fp32")
     steps.set_description_str(f"{r}: {precision}")
-    if quantization == "int8":
-        graph.quantize_int8(raw, final)
+    if quantization:
+        graph.quantize(raw, final, quantization)
     elif fp16:
         graph.convert_fp16(raw, final)
     else:
@@ -166,10 +185,11 @@ def _export_model(ck: _Checkpoint, bundle: Path, quantization: str | None, fp16:
     if validate:
         steps.set_description_str(f"{r}: validating against PyTorch")
         if tree_attention:
-            ref, tree_ref = reference_logits(ck.path, ids, tree_ids)
-            validation = validate_graph(final, io, ref, ids, precision, r, (tree_ids, tree_ref))
+            ref, tree_ref = reference_logits(ck.path, ids, tree_ids, lengths["tree_context"])
+            validation = validate_graph(final, io, ref, ids, precision, r, (tree_ids, tree_ref), lengths)
         else:
-            validation = validate_graph(final, io, reference_logits(ck.path, ids), ids, precision, r)
+            validation = validate_graph(final, io, reference_logits(ck.path, ids), ids, precision, r,
+                                        lengths=lengths)
     steps.update()
     files = [*graph.graph_files(final), model_dir / "config.json"]
     return {"path": f"{r}/{graph.GRAPH}", "files": {f"{r}/{p.name}": sha256_file(p) for p in files},
@@ -179,7 +199,9 @@ def _export_model(ck: _Checkpoint, bundle: Path, quantization: str | None, fp16:
             "max_context": ck.max_context, "dtype": io["dtype"], "inputs": io["inputs"], "outputs": io["outputs"],
             "num_parameters": sources.count_parameters(ck.config), "quantization": quantization, "fp16": fp16,
             "size_bytes": sum(p.stat().st_size for p in files), "source": ck.given, "validation": validation,
-            "tree_attention": tree_attention}
+            "tree_attention": tree_attention,
+            "exact_verification": validation.get("exact_verification") if validation else
+            exact_verification(precision, None)}
 
 
 def export_bundle(target: str | Path, draft: str | Path, out: str | Path, *,
@@ -188,7 +210,8 @@ def export_bundle(target: str | Path, draft: str | Path, out: str | Path, *,
                   progress: bool = True, tree_attention: bool = False) -> dict[str, Any]:
     """Export a target and a draft checkpoint (local folders or hub ids) into a bundle at `out`; return its manifest.
 
-    quantize: "int8" (both), or {"target": "int8", "draft": None} per model: dynamic int8 weights for CPU.
+    quantize: "int8" / "int4" (weight-only, MatMulNBits: exact verification), "int8-dynamic" (activations quantized
+    per call: SpS at T=0 no longer token-identical to AR) for both, or {"target": "int8", "draft": None} per model.
     fp16: fp16 weights and KV cache, for GPU. max_context: cap on the context (default: the config's positions).
     validate: compare every graph with PyTorch (prefill + multi-token decode) and refuse a mismatch.
     force: replace an existing bundle at `out`. progress: a progress line on stderr.
@@ -199,11 +222,10 @@ def export_bundle(target: str | Path, draft: str | Path, out: str | Path, *,
 
     from .graph import OPSET
     from .sources import TASK
-    from .validate import sample_ids, sample_tree_ids
 
     quant = per_model_quantization(quantize)
     if fp16 and any(quant.values()):
-        raise ConfigError("--fp16 and --quantize int8 do not combine (int8 is for CPU, fp16 for GPU); pick one")
+        raise ConfigError("--fp16 and --quantize do not combine (int8/int4 are for CPU, fp16 for GPU); pick one")
     if max_context is not None and max_context < 1:
         raise ConfigError(f"max_context must be a positive number of tokens, got {max_context}")
     out = Path(out).expanduser().absolute()
@@ -217,7 +239,12 @@ def export_bundle(target: str | Path, draft: str | Path, out: str | Path, *,
                  bar_format="export [{n_fmt}/{total_fmt} {elapsed}] {desc}")
     try:
         steps.set_description_str("checking sources")
-        ckpts, tok, vocab = _read_sources(given, max_context)
+        adjustments: list[str] = []
+        ckpts, tok, vocab = _read_sources(given, max_context, adjustments)
+        if tree_attention:
+            from .tree_graph import check_tree_support
+
+            check_tree_support(ckpts["target"].config, ckpts["target"].max_context)
         steps.update()
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
@@ -225,10 +252,8 @@ def export_bundle(target: str | Path, draft: str | Path, out: str | Path, *,
             tok.save_pretrained(tmp / "tokenizer")
             tok_files = {f"tokenizer/{p.name}": sha256_file(p) for p in sorted((tmp / "tokenizer").iterdir())}
             steps.update()
-            ids = sample_ids(vocab)
-            tree_ids = sample_tree_ids(vocab) if tree_attention else None
-            models = {r: _export_model(ckpts[r], tmp, quant[r], fp16, validate, ids, steps,
-                                       tree_ids if r == "target" else None) for r in ROLES}
+            models = {r: _export_model(ckpts[r], tmp, quant[r], fp16, validate, vocab, steps,
+                                       tree_attention and r == "target") for r in ROLES}
             manifest = {
                 "format": FORMAT, "format_version": FORMAT_VERSION,
                 "vocab_size": vocab,
@@ -247,6 +272,7 @@ def export_bundle(target: str | Path, draft: str | Path, out: str | Path, *,
                     "options": {"quantize": quant, "fp16": fp16, "max_context": max_context, "validate": validate,
                                 "opset": OPSET, "task": TASK,
                                 "tree_attention": tree_attention},
+                    "adjustments": adjustments,
                 },
             }
             validate_manifest(manifest)

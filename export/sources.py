@@ -85,11 +85,46 @@ def config_dims(config) -> dict[str, Any]:
     return {
         "num_layers": c.num_hidden_layers,
         "num_attention_heads": heads,
-        "num_kv_heads": getattr(c, "num_key_value_heads", None) or heads,
+        "num_kv_heads": _kv_heads(c),
         "head_dim": getattr(c, "head_dim", None) or hidden // heads,
         "hidden_size": hidden,
         "vocab_size": c.vocab_size,
     }
+
+
+def _kv_heads(c) -> int:
+    """KV heads as the model caches them. Falcon names them num_kv_heads; its original architecture ignores that
+    field (multi_query: one KV head shared by all query heads, else one per head), and transformers' new-architecture
+    Falcon caches keys and values already repeated to every query head."""
+    if c.model_type == "falcon":
+        if getattr(c, "new_decoder_architecture", False):
+            return c.num_attention_heads
+        return 1 if getattr(c, "multi_query", False) else c.num_attention_heads
+    return getattr(c, "num_key_value_heads", None) or getattr(c, "num_kv_heads", None) or c.num_attention_heads
+
+
+def optimum_limitation(config) -> str | None:
+    """Why optimum's standard graph would come out wrong or fail for this config (checked before exporting), or None."""
+    if config.model_type == "falcon" and getattr(config, "new_decoder_architecture", False) \
+            and (getattr(config, "num_kv_heads", None) or config.num_attention_heads) != config.num_attention_heads:
+        return (f"new-architecture Falcon with {config.num_kv_heads} KV heads: transformers caches its keys and values "
+                f"repeated to all {config.num_attention_heads} heads, while optimum-onnx declares "
+                f"{config.num_kv_heads}-head past inputs, so its export fails")
+    return None
+
+
+def cap_context(config, ctx: int, role: str, adjust) -> int:
+    """The context the exported graph is exact for. A longrope model (Phi-3 128k style) switches its rope factors
+    from short to long past original_max_position_embeddings, and a traced graph keeps only the short ones: cap the
+    context there; `adjust(message)` records the reason."""
+    from .validate import rope_switch
+
+    switch = rope_switch(config)
+    if switch is not None and ctx > switch:
+        adjust(f"{role} max_context capped from {ctx} to {switch}: longrope switches to its long rope factors past "
+               f"original_max_position_embeddings={switch}, which the exported graph does not reproduce")
+        return switch
+    return ctx
 
 
 def max_positions(config) -> int | None:

@@ -16,10 +16,25 @@ from mjsd.runtime.errors import ExportError
 from mjsd.runtime.tree import BIAS
 
 from .graph import GRAPH, OPSET, _quiet
-from .sources import reason
+from .sources import config_dims, reason
 
-# The architectures the tests export this way; others are tried and left to validation.
-TESTED = ("llama", "gpt2")
+# The architectures tests/test_families.py exports this way; others are tried and left to validation.
+TESTED = ("llama", "qwen2", "qwen3", "phi3", "smollm3", "granite", "olmo2", "stablelm", "gpt2", "gpt_neox", "opt",
+          "falcon")
+
+
+def check_tree_support(config, max_context: int) -> None:
+    """Refuse a tree-attention export the graph would get wrong: a 4-D bias replaces the model's own mask, so a
+    sliding window would be ignored once the context outgrows it (the bias carries no window)."""
+    from .validate import sliding_window
+
+    window = sliding_window(config)
+    if window is not None and window < max_context:
+        raise ExportError(
+            f"--tree-attention: {config.model_type} attends within a sliding window of {window} tokens, which the "
+            f"tree graph's 4-D attention bias does not apply (it would be wrong past token {window}); export without "
+            f"--tree-attention (the standard graph applies the window; sps, mtad, mcsd batch work), or pass "
+            f"--max-context {window} or less")
 
 
 def _wrapper(model, num_layers: int):
@@ -54,8 +69,8 @@ def build_tree_graph(src: Path, out_dir: Path) -> Path:
         raise ExportError(f"cannot load {src} for the tree-attention export ({reason(e)})") from None
     cfg = model.config
     layers = cfg.num_hidden_layers
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dims = config_dims(cfg)
+    kv_heads, head_dim = dims["num_kv_heads"], dims["head_dim"]
     past_names = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
     present_names = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
     # trace with a non-empty past and S > 1 so no dimension is specialised to 0 or 1

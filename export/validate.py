@@ -1,20 +1,28 @@
 """Check an exported graph against the PyTorch model it came from, the way the runtime will call it.
 
-The graph runs a prefill of PREFILL tokens from an empty past, then one multi-token decode step of DECODE tokens fed
-with the prefill's presents (the call speculative verification makes). PyTorch runs the whole sequence at once; with
-a causal model its logits at each position must match.
+The graph runs a prefill of `prefill` tokens from an empty past, then one multi-token decode call of `decode` tokens
+fed with the prefill's presents (the call speculative verification makes), then `steps` one-token calls. PyTorch
+runs the whole sequence at once; with a causal model its logits at each position must match.
+`validation_lengths(config, max_context)` sizes the run to reach the lengths where families differ: past the
+sliding window and past longrope's original_max_position_embeddings (at least 32 + 8 tokens), within max_context.
+
+The same decode tokens are also fed one call per token: the logits must not depend on how many tokens a call carries
+(`call_size`), or speculative decoding at T=0 is no longer token-identical to AR. `exact_verification` records it.
 
 Tolerances (`TOLERANCES`), on `rel` = max |logit difference| / max(1, max |PyTorch logit|):
 - fp32: rel <= 1e-3 (measured ~1e-6 on tiny models: anything larger is a wrong graph, not rounding);
 - fp16: rel <= 2e-2 and top-1 agreement >= 0.9;
 - an fp16 graph is run on CUDA when onnxruntime has it, else on CPU; where the CPU provider has no fp16 kernel for
   an op, validation is skipped with a warning and the reason is recorded (llama and gpt2 run fine on CPU);
-- int8 (dynamic weight quantization): rel <= 0.15 and top-1 agreement >= 0.75: int8 legitimately moves logits,
-  so this only catches a broken graph, not a small quality loss (measure that with perplexity instead).
+- int8 / int4 (weight-only, MatMulNBits: activations stay float): rel <= 0.05 / 0.5 and top-1 >= 0.9 / 0.5 against
+  PyTorch (they catch a broken graph; int4 moves random tiny models a lot, quality is measured by perplexity with
+  tools/quant_quality.py), and the call-size check as tight as fp32 (1e-4): quantized weights are a different
+  model, but one that answers the same whatever the call size;
+- int8-dynamic (activations quantized per call): rel <= 0.15 and top-1 >= 0.75; never exact (measured, recorded).
 
-A tree-attention graph gets the same check fed a causal bias, then a tree check: after a prefill of TREE_CONTEXT
-tokens, one call over the nodes of TREE_PARENTS with the tree bias, where every node's logits must match PyTorch's
-over the context plus that node's root-to-node path (same tolerances).
+A tree-attention graph gets the same check fed a causal bias, then a tree check: after a prefill of `tree_context`
+tokens (past the sliding window), one call over the nodes of TREE_PARENTS with the tree bias, where every node's
+logits must match PyTorch's over the context plus that node's root-to-node path (same tolerances).
 """
 from __future__ import annotations
 
@@ -29,12 +37,58 @@ from mjsd.runtime.errors import ExportError
 
 from .sources import reason
 
-PREFILL, DECODE, BATCH = 5, 3, 2
-TREE_CONTEXT = 4
+DECODE, STEPS, BATCH = 3, 2, 2
+REACH = 32  # validate at least this many tokens (+ MARGIN) even without a window or a rope switch point
+MARGIN = 8
 TREE_PARENTS = (-1, 0, 0, 1, -1, 4, 3)  # two roots, siblings, a branch, depth 4: every kind of edge
 TOLERANCES = {"fp32": {"rel": 1e-3, "top1": 1.0}, "fp16": {"rel": 2e-2, "top1": 0.9},
-              "int8": {"rel": 0.15, "top1": 0.75}}
+              "int8": {"rel": 0.05, "top1": 0.9}, "int4": {"rel": 0.5, "top1": 0.5},
+              "int8-dynamic": {"rel": 0.15, "top1": 0.75}}
+# Logits must not depend on the call size beyond float rounding (fp16: its own rounding) for exact verification.
+EXACT_REL = {"fp16": 1e-2}
+EXACT_REL_DEFAULT = 1e-4
+NOT_EXACT_BY_DESIGN = ("int8-dynamic",)
 _NP = {"float32": np.float32, "float16": np.float16}
+
+
+def sliding_window(config) -> int | None:
+    """The attention window the model applies to at least one layer, or None (qwen2/3 keep the field unused unless
+    use_sliding_window; gemma 2/3 and mistral/phi3 apply it whenever set)."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(c, "sliding_window", None)
+    if not isinstance(window, int) or window <= 0:
+        return None
+    if getattr(c, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(c, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return window
+
+
+def rope_switch(config) -> int | None:
+    """Where a longrope model switches from the short to the long rope factors (original_max_position_embeddings)."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scaling = getattr(c, "rope_scaling", None) or {}
+    if (scaling.get("rope_type") or scaling.get("type")) != "longrope":
+        return None
+    return getattr(c, "original_max_position_embeddings", None) or scaling.get("original_max_position_embeddings")
+
+
+def validation_lengths(config, max_context: int) -> dict[str, int]:
+    """Token counts of the validation run for a model: prefill, one multi-token decode call, one-token steps, and the
+    context a validation tree hangs from. The prefill reaches min(max_context, max(window, rope switch, 32) + 8) so
+    the decode calls and the tree's roots sit past the sliding window and the longrope switch point."""
+    reach = max(sliding_window(config) or 0, rope_switch(config) or 0, REACH) + MARGIN
+    prefill = max(1, min(reach, max_context - DECODE - STEPS))
+    decode = max(1, min(DECODE, max_context - prefill - STEPS))
+    steps = max(0, min(STEPS, max_context - prefill - decode))
+    tree_context = max(1, min(reach, max_context - len(TREE_PARENTS)))
+    return {"prefill": prefill, "decode": decode, "steps": steps, "tree_context": tree_context}
+
+
+# The lengths of a model with no window and a large context (tests that call the functions below directly).
+DEFAULT_LENGTHS = {"prefill": REACH + MARGIN, "decode": DECODE, "steps": STEPS, "tree_context": REACH + MARGIN}
 
 
 def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
@@ -82,26 +136,45 @@ def _call(sess, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.
                            if n.startswith("present.")}
 
 
-def run_graph(path: Path, io: dict[str, Any], ids: np.ndarray, providers: list[str]) -> np.ndarray:
-    """Prefill ids[:, :PREFILL], then decode the rest in one call; return logits for every position."""
+def run_graph(path: Path, io: dict[str, Any], ids: np.ndarray, providers: list[str],
+              lengths: dict[str, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Prefill, one multi-token decode call, then one-token steps over ids [B, T]; return the logits of every
+    position [B, T, V], and the decode tokens' logits fed one call per token instead [B, decode, V]."""
+    if ids.shape[0] > 1 and {"attention_mask", tree.BIAS} <= set(io["inputs"]):
+        # a fused graph (GroupQueryAttention) refuses batch > 1 with several tokens and a past: one row at a time
+        rows = [run_graph(path, io, ids[i:i + 1], providers, lengths) for i in range(ids.shape[0])]
+        return tuple(np.concatenate(parts, axis=0) for parts in zip(*rows))
+    n = lengths or DEFAULT_LENGTHS
+    p, d = n["prefill"], n["decode"]
     sess = _session(path, providers)
-    first, past = _call(sess, decoder_feeds(io, ids[:, :PREFILL], None))
-    second, _ = _call(sess, decoder_feeds(io, ids[:, PREFILL:], past))
-    return np.concatenate([first, second], axis=1)
+    logits, past = _call(sess, decoder_feeds(io, ids[:, :p], None))
+    parts, prefilled = [logits], past
+    l2, past = _call(sess, decoder_feeds(io, ids[:, p:p + d], past))
+    parts.append(l2)
+    for t in range(p + d, ids.shape[1]):
+        l3, past = _call(sess, decoder_feeds(io, ids[:, t:t + 1], past))
+        parts.append(l3)
+    singles, past = [], prefilled
+    for t in range(p, p + d):
+        l1, past = _call(sess, decoder_feeds(io, ids[:, t:t + 1], past))
+        singles.append(l1)
+    return np.concatenate(parts, axis=1), np.concatenate(singles, axis=1)
 
 
-def run_tree(path: Path, io: dict[str, Any], ids: np.ndarray, providers: list[str]) -> np.ndarray:
-    """Prefill ids[:TREE_CONTEXT], then the tree of nodes ids[TREE_CONTEXT:] in one call; return its logits [S, V]."""
+def run_tree(path: Path, io: dict[str, Any], ids: np.ndarray, providers: list[str], context: int) -> np.ndarray:
+    """Prefill ids[:context], then the tree of nodes ids[context:] in one call; return its logits [S, V]."""
     sess = _session(path, providers)
-    _, past = _call(sess, decoder_feeds(io, ids[None, :TREE_CONTEXT], None))
-    feeds = {"input_ids": ids[None, TREE_CONTEXT:], "position_ids": tree.positions(TREE_PARENTS, TREE_CONTEXT)[None],
-             tree.BIAS: tree.attention_bias(TREE_PARENTS, TREE_CONTEXT, _NP[io["dtype"]]), **past}
-    return _call(sess, feeds)[0][0]
+    _, past = _call(sess, decoder_feeds(io, ids[None, :context], None))
+    feeds = {"input_ids": ids[None, context:], "position_ids": tree.positions(TREE_PARENTS, context)[None],
+             tree.BIAS: tree.attention_bias(TREE_PARENTS, context, _NP[io["dtype"]]), **past,
+             "attention_mask": np.ones((1, context + len(TREE_PARENTS)), np.int64)}
+    return _call(sess, {k: v for k, v in feeds.items() if k in io["inputs"]})[0][0]
 
 
-def reference_logits(src: Path, ids: np.ndarray, tree_ids: np.ndarray | None = None):
-    """PyTorch logits of ids [B, S]; with tree_ids (context + TREE_PARENTS nodes) also, per node, the last logits
-    of a plain forward over the context and the node's path, [S, V]."""
+def reference_logits(src: Path, ids: np.ndarray, tree_ids: np.ndarray | None = None,
+                     tree_context: int = DEFAULT_LENGTHS["tree_context"]):
+    """PyTorch logits of ids [B, S]; with tree_ids (tree_context tokens + TREE_PARENTS nodes) also, per node, the
+    last logits of a plain forward over the context and the node's path, [S, V]."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -110,8 +183,8 @@ def reference_logits(src: Path, ids: np.ndarray, tree_ids: np.ndarray | None = N
         ref = model(input_ids=torch.from_numpy(ids)).logits.float().numpy()
         if tree_ids is None:
             return ref
-        paths = [TREE_CONTEXT + np.array(tree.path(TREE_PARENTS, i)) for i in range(len(TREE_PARENTS))]
-        rows = [np.concatenate([tree_ids[:TREE_CONTEXT], tree_ids[p]]) for p in paths]
+        paths = [tree_context + np.array(tree.path(TREE_PARENTS, i)) for i in range(len(TREE_PARENTS))]
+        rows = [np.concatenate([tree_ids[:tree_context], tree_ids[p]]) for p in paths]
         return ref, np.stack([model(input_ids=torch.from_numpy(r)[None]).logits[0, -1].float().numpy() for r in rows])
 
 
@@ -125,18 +198,38 @@ def _compare(ref: np.ndarray, got: np.ndarray, precision: str, role: str, what: 
     return stats
 
 
+def _first_bad_position(ref: np.ndarray, got: np.ndarray, precision: str) -> int | None:
+    """The first sequence position whose logits leave the tolerance (names where a long-context bug starts)."""
+    for t in range(ref.shape[1]):
+        if not within(compare_logits(ref[:, t], got[:, t]), precision):
+            return t
+    return None
+
+
+def exact_verification(precision: str, call_size: dict[str, float] | None) -> bool | None:
+    """Whether verification of several tokens in one call gives the logits of one call per token: by design never
+    for int8-dynamic, else as measured (None: not measured)."""
+    if precision in NOT_EXACT_BY_DESIGN:
+        return False
+    if call_size is None:
+        return None
+    return call_size["rel"] <= EXACT_REL.get(precision, EXACT_REL_DEFAULT) and call_size["top1_agreement"] == 1.0
+
+
 def validate_graph(path: Path, io: dict[str, Any], ref: np.ndarray, ids: np.ndarray, precision: str,
-                   role: str, tree_ref: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+                   role: str, tree_ref: tuple[np.ndarray, np.ndarray] | None = None,
+                   lengths: dict[str, int] | None = None) -> dict[str, Any]:
     """Run the graph and compare with `ref`; raise ExportError when outside the tolerance, else return the stats.
     tree_ref: (tree ids, PyTorch node logits) from `reference_logits` for a tree-attention graph."""
     import onnxruntime as ort
 
+    n = lengths or DEFAULT_LENGTHS
     providers = ["CPUExecutionProvider"]
     if precision == "fp16" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
     try:
-        got = run_graph(path, io, ids, providers)
-        got_tree = run_tree(path, io, tree_ref[0], providers) if tree_ref is not None else None
+        got, singles = run_graph(path, io, ids, providers, n)
+        got_tree = run_tree(path, io, tree_ref[0], providers, n["tree_context"]) if tree_ref is not None else None
     except Exception as e:
         if precision == "fp16" and providers[0] == "CPUExecutionProvider" and type(e).__name__ == "NotImplemented":
             # ORT's CPU EP lacks fp16 kernels for some ops; the graph is meant for a GPU EP, so do not refuse it.
@@ -145,19 +238,36 @@ def validate_graph(path: Path, io: dict[str, Any], ref: np.ndarray, ids: np.ndar
             return {"precision": precision, "skipped": f"CPU provider cannot run this fp16 graph: {why}"}
         raise ExportError(f"{role} graph failed to run in onnxruntime ({providers[0]}) during validation "
                           f"({reason(e)})") from None
-    stats = _compare(ref, got, precision, role, f"prefill {PREFILL} + decode {DECODE}")
+    what = f"prefill {n['prefill']} + decode {n['decode']} + {n['steps']} one-token steps"
+    if not within(compare_logits(ref, got), precision):
+        bad = _first_bad_position(ref, got, precision)
+        what += f", first wrong at token {bad + 1}" if bad is not None else ""
+    stats = _compare(ref, got, precision, role, what)
     stats.update(precision=precision, provider=providers[0], tolerance=TOLERANCES[precision],
-                 tokens=f"prefill {PREFILL} + decode {DECODE}, batch {BATCH}")
+                 tokens=f"{what}, batch {ids.shape[0]}")
+    p, d = n["prefill"], n["decode"]
+    stats["call_size"] = compare_logits(got[:, p:p + d], singles)
+    stats["exact_verification"] = exact_verification(precision, stats["call_size"])
+    if stats["exact_verification"] is False and precision not in NOT_EXACT_BY_DESIGN:
+        c = stats["call_size"]
+        raise ExportError(f"{role} graph ({precision}) gives different logits for {d} tokens in one call than in "
+                          f"{d} one-token calls (max diff {c['max_abs_diff']:.3g}, top-1 agreement "
+                          f"{c['top1_agreement']:.2f}): speculative decoding would not be exact; no bundle was written")
     if tree_ref is not None:
-        stats["tree"] = _compare(tree_ref[1], got_tree, precision, role, f"tree of {len(TREE_PARENTS)} nodes")
+        stats["tree"] = _compare(tree_ref[1], got_tree, precision, role,
+                                 f"tree of {len(TREE_PARENTS)} nodes after {n['tree_context']} tokens")
         stats["tree"]["parents"] = list(TREE_PARENTS)
+        stats["tree"]["context"] = n["tree_context"]
     return stats
 
 
-def sample_ids(vocab: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, vocab, size=(BATCH, PREFILL + DECODE), dtype=np.int64)
+def sample_ids(vocab: int, lengths: dict[str, int] | None = None, seed: int = 0) -> np.ndarray:
+    n = lengths or DEFAULT_LENGTHS
+    return np.random.default_rng(seed).integers(0, vocab, size=(BATCH, n["prefill"] + n["decode"] + n["steps"]),
+                                                dtype=np.int64)
 
 
-def sample_tree_ids(vocab: int, seed: int = 1) -> np.ndarray:
-    """Context and node tokens of the validation tree, [TREE_CONTEXT + len(TREE_PARENTS)]."""
-    return np.random.default_rng(seed).integers(0, vocab, size=TREE_CONTEXT + len(TREE_PARENTS), dtype=np.int64)
+def sample_tree_ids(vocab: int, lengths: dict[str, int] | None = None, seed: int = 1) -> np.ndarray:
+    """Context and node tokens of the validation tree, [tree_context + len(TREE_PARENTS)]."""
+    n = lengths or DEFAULT_LENGTHS
+    return np.random.default_rng(seed).integers(0, vocab, size=n["tree_context"] + len(TREE_PARENTS), dtype=np.int64)

@@ -88,7 +88,7 @@ FINITE = _Finite()
 def _bundle_summary(root, manifest: dict) -> dict:
     """The one-object summary `export --json` prints: where the bundle is and what each model is."""
     keys = ("model_type", "num_layers", "num_kv_heads", "head_dim", "vocab_size", "max_context", "dtype",
-            "quantization", "num_parameters", "size_bytes", "tree_attention")
+            "quantization", "num_parameters", "size_bytes", "tree_attention", "exact_verification")
     models = {}
     for role, e in manifest["models"].items():
         models[role] = {k: e.get(k) for k in keys}
@@ -96,6 +96,19 @@ def _bundle_summary(root, manifest: dict) -> dict:
             if k in (e.get("validation") or {}):
                 models[role][k] = e["validation"][k]
     return {"bundle": str(root), "vocab_size": manifest["vocab_size"], "models": models}
+
+
+def _guarantee(e: dict) -> str:
+    """What a model's logits promise speculative decoding (manifest exact_verification)."""
+    exact = e.get("exact_verification")
+    if exact:
+        return "exact (logits do not depend on how many tokens a call carries: SpS at T=0 == AR)"
+    if exact is False:
+        return (f"NOT exact ({e.get('quantization') or 'measured'}: logits depend on the call size, so speculative "
+                "decoding at T=0 may differ from AR)")
+    if "exact_verification" not in e and e.get("quantization") == "int8":  # older bundles: int8 was dynamic
+        return "NOT exact (int8 from an mjsd before weight-only int8: dynamic, activations quantized per call)"
+    return "not measured (exported without validation, or by an mjsd before the check)"
 
 
 def _describe_bundle(root, manifest: dict, verified: bool) -> str:
@@ -125,7 +138,10 @@ def _describe_bundle(root, manifest: dict, verified: bool) -> str:
                             if "tree" in v else ""))
         if e.get("tree_attention"):
             lines.append(f"{'':<11} tree attention: input attention_bias [B,1,S,past+S] (mmtad, mcsd tree strategy)")
+        lines.append(f"{'':<11} verification: {_guarantee(e)}")
     prov = manifest["provenance"]
+    for note in prov.get("adjustments") or []:
+        lines.append(f"adjusted    {note}")
     versions = ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items() if v)
     lines.append(f"created     {prov.get('created_utc', '?')} by mjsd {prov.get('mjsd_version', '?')}; "
                  f"options {json.dumps(prov.get('options', {}), sort_keys=True)}")
@@ -137,9 +153,13 @@ def _describe_bundle(root, manifest: dict, verified: bool) -> str:
 @click.option("--target", required=True, help="Target checkpoint: a local Hugging Face folder or a hub id.")
 @click.option("--draft", required=True, help="Draft checkpoint (must share the target's tokenizer).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to create.")
-@click.option("--quantize", type=click.Choice(["int8"]), help="Dynamic int8 weights for both models (CPU).")
-@click.option("--quantize-target", type=click.Choice(["int8", "none"]), help="Override --quantize for the target.")
-@click.option("--quantize-draft", type=click.Choice(["int8", "none"]), help="Override --quantize for the draft.")
+@click.option("--quantize", type=click.Choice(["int8", "int4", "int8-dynamic"]),
+              help="Weights of both models (CPU): int8/int4 weight-only (exact verification), int8-dynamic "
+                   "(activations quantized per call: SpS at T=0 no longer token-identical to AR).")
+@click.option("--quantize-target", type=click.Choice(["int8", "int4", "int8-dynamic", "none"]),
+              help="Override --quantize for the target.")
+@click.option("--quantize-draft", type=click.Choice(["int8", "int4", "int8-dynamic", "none"]),
+              help="Override --quantize for the draft.")
 @click.option("--fp16", is_flag=True, help="fp16 weights and KV cache (GPU).")
 @click.option("--max-context", type=click.IntRange(min=1), help="Cap the context length (default: the config's).")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison of each graph with PyTorch.")

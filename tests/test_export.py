@@ -185,8 +185,8 @@ def test_padded_logit_width_is_allowed_and_recorded(tmp_path):
 
 
 def test_bad_options_are_refused(llama_checkpoints, tmp_path):
-    with pytest.raises(ConfigError, match="int8"):
-        _export(*llama_checkpoints, tmp_path / "x", quantize="int4")
+    with pytest.raises(ConfigError, match="int8, int4"):
+        _export(*llama_checkpoints, tmp_path / "x", quantize="int3")
     with pytest.raises(ConfigError, match="unknown model role"):
         _export(*llama_checkpoints, tmp_path / "x", quantize={"targt": "int8"})
     with pytest.raises(ConfigError, match="do not combine"):

@@ -134,7 +134,8 @@ def test_export_validation_refuses_a_wrong_tree(llama_tree_bundle, llama_checkpo
     stats = validate.validate_graph(b.target.path, io, ref, ids, "fp32", "target", (tree_ids, tree_ref))
     assert stats["tree"]["rel"] < 1e-5
     # reference logits of the paths as if every node saw every earlier node (a causal mask, not the tree's)
-    causal = validate.reference_logits(llama_checkpoints[0], tree_ids[None])[0, validate.TREE_CONTEXT:]
+    context = validate.DEFAULT_LENGTHS["tree_context"]
+    causal = validate.reference_logits(llama_checkpoints[0], tree_ids[None])[0, context:]
     with pytest.raises(ExportError, match="tree of 7 nodes"):
         validate.validate_graph(b.target.path, io, ref, ids, "fp32", "target", (tree_ids, causal))
 
