@@ -2,9 +2,10 @@
 
 Standard fields: max_tokens (chat also max_completion_tokens), temperature (default 1, as OpenAI's), top_p, seed,
 stop, stream (+ stream_options.include_usage), n=1. Extension fields (as vLLM and llama-server accept extra fields):
-top_k, algo (ar, sps, mjsd, mtad, mmtad, mcsd, mjgd; default mtad), gamma, beam_width, tau, ignore_eos. Fields
-the runtime cannot honour (n > 1, logprobs, echo, best_of > 1, penalties, tools, images) are refused with a 400,
-never silently ignored; unknown fields are ignored like OpenAI's own clients' extras.
+top_k, algo (ar, sps, mjsd, mtad, mmtad, mcsd, mjgd; default mtad), gamma, beam_width, tau, ignore_eos, and any
+other GenerationConfig field by its name (k_config, mcsd_strategy, ...). Fields the runtime cannot honour (n > 1,
+logprobs, echo, best_of > 1, penalties, tools, images) are refused with a 400, never silently ignored; unknown
+fields are ignored like OpenAI's own clients' extras.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import time
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from ..config import GenerationConfig
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI completions API's default; chat defaults to the room left
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "cancelled"}
@@ -76,6 +79,8 @@ class _Sampling(BaseModel):
         for name in ("top_k", "gamma", "beam_width", "tau", "ignore_eos"):
             if getattr(self, name) is not None:
                 params[name] = getattr(self, name)
+        fields = set(GenerationConfig.__dataclass_fields__) - {"max_new_tokens", *params}
+        params.update({k: v for k, v in (self.model_extra or {}).items() if k in fields})
         return params
 
     @property
