@@ -6,11 +6,13 @@ and renamed into place at the end, so a failure at any step leaves nothing at `o
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -77,21 +79,95 @@ def _make_readable(root: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
-def _install(tmp: Path, out: Path) -> None:
-    """Move the finished bundle into place; an old bundle is removed only after the new one is there."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "bundle")
+# Work directories beside --out: .<out>.tmp-<pid>-* (the bundle being built) and .<out>.old-<pid>-* (the previous
+# bundle, for the instant of the swap). One is stale when the process named by <pid> is gone, or when it is older than
+# STALE_S (a reused pid, or a name without a pid from an older mjsd); an export takes minutes, not a day.
+STALE_S = 24 * 3600
+
+
+def _work_dir(out: Path, kind: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}-", dir=out.parent))
+
+
+def _stale(path: Path, now: float) -> bool:
     try:
+        if now - path.lstat().st_mtime > STALE_S:
+            return True
+    except FileNotFoundError:
+        return False
+    pid = path.name.rsplit(".", 1)[-1].split("-")[1]  # ".<out>.tmp-<pid>-<random>"
+    if not pid.isdigit() or os.name != "posix":  # no pid (older mjsd), or no kill(pid, 0) to ask: age only
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, OverflowError):
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def clean_stale(out: Path) -> list[str]:
+    """Remove what killed exports left beside `out` (see STALE_S); when `out` is missing but a stale .old-* holds
+    its previous bundle (an export killed between the two renames of _install), put that bundle back. Returns one
+    line per action, for the user."""
+    import time
+
+    done, now = [], time.time()
+    for kind in ("old", "tmp"):  # old first: a restored bundle is then not mistaken for an empty --out
+        for d in sorted(out.parent.glob(f".{glob.escape(out.name)}.{kind}-*")):
+            if not d.is_dir() or d.is_symlink() or not _stale(d, now):
+                continue
+            if kind == "old" and (d / "bundle" / MANIFEST).is_file() and not out.exists() and not out.is_symlink():
+                os.replace(d / "bundle", out)
+                done.append(f"restored the bundle at {out} from {d.name} (left by an interrupted export)")
+            shutil.rmtree(d, ignore_errors=True)
+            done.append(f"removed {d.name}, left by an interrupted export")
+    return done
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the finished bundle into place; `out` never ends up without a bundle when it held one.
+
+    The old bundle is renamed aside, the new one renamed in, and the old one deleted only then; a failure or an
+    interrupt between the two renames puts the old one back (SIGINT/SIGTERM are held during the swap anyway). A
+    process killed outright between them leaves the old bundle in .<out>.old-<pid>-*/bundle, which the next export
+    restores (clean_stale)."""
+    if not out.exists() and not out.is_symlink():
         os.replace(tmp, out)
-    except OSError:
-        if old is not None:
-            os.replace(old / "bundle", out)
-        raise
+        return
+    aside = _work_dir(out, "old")
+    with _signals_held():
+        os.replace(out, aside / "bundle")
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            try:
+                os.replace(aside / "bundle", out)
+            except OSError as e:
+                raise ExportError(f"installing {out} failed and the previous bundle could not be put back ({e}); "
+                                  f"it is in {aside / 'bundle'}: move it to {out}") from None
+            shutil.rmtree(aside, ignore_errors=True)
+            raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextmanager
+def _signals_held():
+    """Defer SIGINT/SIGTERM for the few microseconds of a swap (main thread only; elsewhere signals reach the main
+    thread anyway)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
     finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 @dataclass
@@ -229,6 +305,9 @@ def export_bundle(target: str | Path, draft: str | Path, out: str | Path, *,
     if max_context is not None and max_context < 1:
         raise ConfigError(f"max_context must be a positive number of tokens, got {max_context}")
     out = Path(out).expanduser().absolute()
+    if out.parent.is_dir():
+        for line in clean_stale(out):
+            print(f"export: {line}", file=sys.stderr)
     _check_out(out, force)
     if not out.parent.is_dir():
         raise ExportError(f"cannot write the bundle: the folder {out.parent} does not exist")
@@ -246,7 +325,7 @@ def export_bundle(target: str | Path, draft: str | Path, out: str | Path, *,
 
             check_tree_support(ckpts["target"].config, ckpts["target"].max_context)
         steps.update()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = _work_dir(out, "tmp")
         try:
             steps.set_description_str("saving tokenizer")
             tok.save_pretrained(tmp / "tokenizer")

@@ -584,7 +584,7 @@ def bench_cmd(bundle, prompts_file, limit, algos, temperatures, top_k, top_p, ma
         if not all(math.isfinite(t) for t in temps):
             raise ValueError
     except ValueError:
-        raise MjsdError(f"--temperatures {temperatures!r} must be comma-separated numbers, e.g. 0,1") from None
+        raise MjsdError(f"--temperatures {temperatures!r} must be comma-separated finite numbers, e.g. 0,1") from None
     algo_list = [a.strip() for a in algos.split(",") if a.strip()]
     configs = [(f"{a} T={t:g}", GenerationConfig(algo="mcsd" if a == "mcsd-tree" else a, temperature=t,
                                                   top_k=top_k if t else 0, top_p=top_p if t else 1.0,

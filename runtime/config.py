@@ -38,14 +38,19 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         # normalise list inputs (CLI, JSON) to tuples so the config stays hashable and immutable
-        object.__setattr__(self, "k_config", tuple(self.k_config))
-        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        for name, valid in (("k_config", "a non-empty sequence of integers >= 1, e.g. (2, 2, 1)"),
+                            ("stop", "a list of non-empty strings")):
+            value = getattr(self, name)
+            if name == "stop" and isinstance(value, str):
+                value = (value,)
+            _check(isinstance(value, (list, tuple)), name, value, valid)
+            object.__setattr__(self, name, tuple(value))
         self.validate()
 
     def validate(self) -> None:
         from .decoding import ALGORITHMS  # lazy: decoding imports this module
 
-        _check(self.algo in ALGORITHMS, "algo", self.algo, f"one of {sorted(ALGORITHMS)}")
+        _check(isinstance(self.algo, str) and self.algo in ALGORITHMS, "algo", self.algo, f"one of {sorted(ALGORITHMS)}")
         _check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens,
                "an integer >= 1")
         _check(_is_num(self.temperature) and self.temperature >= 0, "temperature", self.temperature,

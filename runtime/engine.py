@@ -198,6 +198,9 @@ class Engine:
     # --- generation ---------------------------------------------------------------------------------------------
     def config(self, config: GenerationConfig | None = None, **params) -> GenerationConfig:
         """A validated GenerationConfig: `config` (or the defaults) updated with `params`."""
+        if config is not None and not isinstance(config, GenerationConfig):
+            raise ConfigError(f"config must be a GenerationConfig (or None), not {type(config).__name__}; pass "
+                              "parameters as keywords, e.g. generate(prompt, temperature=0.8)")
         base = config or GenerationConfig()
         unknown = sorted(set(params) - set(base.to_dict()))
         if unknown:

@@ -107,7 +107,7 @@ def partial_dir(run_dir: Path) -> Path:
 
 def find_run(run_dir: str | Path) -> Path:
     """The directory holding a run's plan: `run_dir` itself, or its `.partial` twin while unfinished."""
-    p = Path(run_dir)
+    p = Path(run_dir).absolute()  # "." or "runs/.." have no name to derive the .partial twin from
     for cand in (p, partial_dir(p)) if not p.name.endswith(PARTIAL) else (p,):
         if (cand / PLAN).is_file():
             return cand
