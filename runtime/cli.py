@@ -25,7 +25,6 @@ class _Group(click.Group):
     exit code; no traceback unless MJSD_DEBUG=1 (then unexpected errors are re-raised)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        ctx_name = None
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as e:  # bad flag, value or argument
@@ -50,7 +49,6 @@ class _Group(click.Group):
                                                "please report it with the output of MJSD_DEBUG=1 mjsd ...")
         else:
             sys.exit(rv if isinstance(rv, int) else 0)  # --help / --version return their exit code
-        del ctx_name
         click.echo(f"error: {line}", err=True)
         sys.exit(code)
 
@@ -445,10 +443,11 @@ def format_stats(stats: dict) -> str:
 @click.option("--bundle", type=click.Path(path_type=Path), help="Model bundle (default: the built-in one).")
 @click.option("--algo", type=click.Choice(["ar", "sps", "mjsd", "mtad", "mmtad", "mcsd", "mjgd"]),
               default=GenerationConfig.algo, show_default=True, help="Decoding algorithm.")
-@click.option("-n", "--max-new-tokens", type=int, default=128, show_default=True)
-@click.option("--temperature", "--temp", type=FINITE, default=0.0, show_default=True, help="0 = greedy/deterministic.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
-@click.option("--top-p", type=FINITE, default=1.0, show_default=True, help="1 = off.")
+@click.option("-n", "--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens, show_default=True)
+@click.option("--temperature", "--temp", type=FINITE, default=GenerationConfig.temperature, show_default=True,
+              help="0 = greedy/deterministic.")
+@click.option("--top-k", type=int, default=GenerationConfig.top_k, show_default=True, help="0 = off.")
+@click.option("--top-p", type=FINITE, default=GenerationConfig.top_p, show_default=True, help="1 = off.")
 @click.option("--seed", type=int, help="Seed for sampling (reproducible runs).")
 @click.option("--gamma", "--draft-max", "gamma", type=int, default=4, show_default=True,
               help="Draft tokens per round (sps, mjsd, mtad).")

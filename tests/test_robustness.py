@@ -483,6 +483,18 @@ def test_invalid_utf8_argv_and_ctrl_c_in_a_real_process(tiny_vocab_bundle):
            f"exit {p.returncode}; " + err.strip().splitlines()[0])
 
 
+def test_cli_and_engine_defaults_are_generation_configs(engine):
+    """One source of truth: `mjsd generate`'s defaults and Engine.generate's are GenerationConfig()'s (algo mtad)."""
+    from mjsd.runtime.cli import generate_cmd
+
+    defaults = generate_cmd.make_context("generate", ["x"]).params  # what a run without options gets
+    cfg = GenerationConfig()
+    shared = [k for k in cfg.to_dict() if k in defaults and k != "k_config"]  # --k-config: None = the config's
+    assert len(shared) >= 10 and {k: defaults[k] for k in shared} == {k: getattr(cfg, k) for k in shared}
+    assert engine.config() == cfg and cfg.algo == "mtad"
+    record("defaults: GenerationConfig() vs CLI vs Engine", "identical, algo mtad", f"{len(shared)} shared fields equal")
+
+
 # --- the Python API ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
