@@ -137,6 +137,29 @@ def _mean(xs: list) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def config_variant(spec: str, base: GenerationConfig) -> GenerationConfig:
+    """A benchmark configuration from `algo[:key=value...]` (e.g. "sps:gamma=5:tune=false", "mcsd-tree"): `base`
+    with that algorithm and those GenerationConfig fields."""
+    algo, *pairs = spec.strip().split(":")
+    changes: dict = {"algo": "mcsd", "mcsd_strategy": "tree"} if algo == "mcsd-tree" else {"algo": algo}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in base.to_dict() or key in ("algo", "stop", "k_config"):
+            raise ConfigError(f"{spec!r}: {pair!r} is not key=value with a GenerationConfig field, e.g. "
+                              "sps:gamma=5:tune=false")
+        old = getattr(base, key)
+        try:
+            if isinstance(old, bool):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                changes[key] = value.lower() in ("true", "1")
+            else:
+                changes[key] = type(old)(value) if old is not None else int(value)
+        except ValueError:
+            raise ConfigError(f"{spec!r}: {key}={value!r} is not a valid {type(old).__name__}") from None
+    return replace(base, **changes)
+
+
 def target_logprobs(engine, ids: list[int], n_new: int) -> np.ndarray:
     """log p(token | prefix) of the last n_new of `ids` under the target, T=1, unfiltered (one fresh forward)."""
     cache = engine.target.new_cache()

@@ -449,10 +449,18 @@ def format_stats(stats: dict) -> str:
 @click.option("--top-k", type=int, default=GenerationConfig.top_k, show_default=True, help="0 = off.")
 @click.option("--top-p", type=FINITE, default=GenerationConfig.top_p, show_default=True, help="1 = off.")
 @click.option("--seed", type=int, help="Seed for sampling (reproducible runs).")
-@click.option("--gamma", "--draft-max", "gamma", type=int, default=4, show_default=True,
-              help="Draft tokens per round (sps, mjsd, mtad).")
-@click.option("--beam-width", type=int, default=4, show_default=True, help="Draft beams (mjsd, mtad, mmtad).")
-@click.option("--tau", type=FINITE, default=0.5, show_default=True, help="Joint acceptance threshold in (0, 1].")
+@click.option("--gamma", "--draft-max", "gamma", type=int, default=GenerationConfig.gamma, show_default=True,
+              help="Draft tokens per round (sps, mjsd, mtad; the most, with --draft-p-min or tuning).")
+@click.option("--beam-width", type=int, default=GenerationConfig.beam_width, show_default=True,
+              help="Draft beams (mjsd, mtad, mmtad).")
+@click.option("--tau", type=FINITE, default=GenerationConfig.tau, show_default=True,
+              help="Joint acceptance threshold in (0, 1].")
+@click.option("--draft-p-min", type=FINITE, default=GenerationConfig.draft_p_min, show_default=True,
+              help="mjsd, mtad: stop drafting once the best beam's last token has draft probability below this.")
+@click.option("--no-repeat-ngram-size", type=int, default=GenerationConfig.no_repeat_ngram_size, show_default=True,
+              help="Ban tokens that would repeat an n-gram of the text (ar, sps, mjsd, mtad; 0 = off).")
+@click.option("--tune/--no-tune", default=GenerationConfig.tune, show_default=True,
+              help="Adapt gamma and beam width between rounds for tokens/s (decisions in the stats).")
 @click.option("--k-config", callback=_k_config, help="MCSD candidates per depth, e.g. 2,2,1.")
 @click.option("--mcsd-replacement/--mcsd-no-replacement", default=False, show_default=True,
               help="MCSD: sample candidates with or without replacement.")
@@ -474,15 +482,16 @@ def format_stats(stats: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, token ids, stats.")
 @reports_errors
 def generate_cmd(prompt, prompt_file, bundle, algo, max_new_tokens, temperature, top_k, top_p, seed, gamma,
-                 beam_width, tau, k_config, mcsd_replacement, mcsd_strategy, stop, ignore_eos, provider, threads,
-                 profile, meter, power_budget, objective, show_stats, as_json):
+                 beam_width, tau, draft_p_min, no_repeat_ngram_size, tune, k_config, mcsd_replacement, mcsd_strategy,
+                 stop, ignore_eos, provider, threads, profile, meter, power_budget, objective, show_stats, as_json):
     """Complete PROMPT (an argument, --file, or stdin), streaming the text as it is produced."""
     from .engine import Engine
 
     text = _read_prompt(prompt, prompt_file)
     params = dict(algo=algo, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                  seed=seed, gamma=gamma, beam_width=beam_width, tau=tau, stop=stop, ignore_eos=ignore_eos,
-                  mcsd_replacement=mcsd_replacement, mcsd_strategy=mcsd_strategy)
+                  seed=seed, gamma=gamma, beam_width=beam_width, tau=tau, draft_p_min=draft_p_min,
+                  no_repeat_ngram_size=no_repeat_ngram_size, tune=tune,
+                  stop=stop, ignore_eos=ignore_eos, mcsd_replacement=mcsd_replacement, mcsd_strategy=mcsd_strategy)
     if k_config is not None:
         params["k_config"] = k_config
     engine = Engine.from_bundle(bundle, provider=provider.split(",") if provider else None, threads=threads, profile=profile,
@@ -560,22 +569,27 @@ def serve_cmd(bundle, host, port, profile, power_budget, api_key, max_queue, tim
 @click.option("--top-k", type=int, default=10, show_default=True, help="top-k at temperature > 0.")
 @click.option("--top-p", type=FINITE, default=0.9, show_default=True, help="top-p at temperature > 0.")
 @click.option("-n", "--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--gamma", type=int, default=4, show_default=True)
-@click.option("--beam-width", type=int, default=4, show_default=True)
-@click.option("--tau", type=FINITE, default=0.5, show_default=True)
+@click.option("--gamma", type=int, default=GenerationConfig.gamma, show_default=True)
+@click.option("--beam-width", type=int, default=GenerationConfig.beam_width, show_default=True)
+@click.option("--tau", type=FINITE, default=GenerationConfig.tau, show_default=True)
+@click.option("--draft-p-min", type=FINITE, default=GenerationConfig.draft_p_min, show_default=True)
+@click.option("--no-repeat-ngram-size", type=int, default=GenerationConfig.no_repeat_ngram_size, show_default=True)
+@click.option("--tune/--no-tune", default=GenerationConfig.tune, show_default=True,
+              help="Online tuning of gamma and beam width (the Engine keeps learning across the run's generations).")
 @click.option("--threads", type=int, help="Intra-op threads per session.")
 @click.option("--meter", type=click.Choice(["auto", "jetson", "nvml", "rapl", "estimate", "none"]), default="auto",
               show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON.")
 @reports_errors
 def bench_cmd(bundle, prompts_file, limit, algos, temperatures, top_k, top_p, max_new_tokens, gamma, beam_width,
-              tau, threads, meter, as_json):
-    """Compare algorithms on a prompt set in one interleaved run: tokens/s, speed-up vs AR, acceptance,
-    output perplexity under the target, J/token."""
+              tau, draft_p_min, no_repeat_ngram_size, tune, threads, meter, as_json):
+    """Compare algorithms on a prompt set in one interleaved run: tokens/s, speed-up vs AR (end to end, prefill and
+    decode apart), acceptance, output perplexity under the target, repetition, the task metric, J/token.
+
+    An entry of --algos may override parameters: "sps:gamma=5:tune=false" (GenerationConfig fields)."""
     from tqdm import tqdm
 
-    from .bench import format_table, load_prompts, load_references, run_bench
-    from .config import GenerationConfig
+    from .bench import config_variant, format_table, load_prompts, load_references, run_bench
     from .engine import Engine
 
     try:
@@ -585,12 +599,10 @@ def bench_cmd(bundle, prompts_file, limit, algos, temperatures, top_k, top_p, ma
     except ValueError:
         raise MjsdError(f"--temperatures {temperatures!r} must be comma-separated finite numbers, e.g. 0,1") from None
     algo_list = [a.strip() for a in algos.split(",") if a.strip()]
-    configs = [(f"{a} T={t:g}", GenerationConfig(algo="mcsd" if a == "mcsd-tree" else a, temperature=t,
-                                                  top_k=top_k if t else 0, top_p=top_p if t else 1.0,
-                                                  max_new_tokens=max_new_tokens, gamma=gamma, beam_width=beam_width,
-                                                  tau=tau, seed=0,
-                                                  mcsd_strategy="tree" if a == "mcsd-tree" else "batch"))
-               for t in temps for a in algo_list]
+    configs = [(f"{a} T={t:g}", config_variant(a, GenerationConfig(
+        temperature=t, top_k=top_k if t else 0, top_p=top_p if t else 1.0, max_new_tokens=max_new_tokens, gamma=gamma,
+        beam_width=beam_width, tau=tau, draft_p_min=draft_p_min, no_repeat_ngram_size=no_repeat_ngram_size,
+        tune=tune, seed=0))) for t in temps for a in algo_list]
     prompts = load_prompts(prompts_file, limit)
     engine = Engine.from_bundle(bundle, threads=threads, meter=None if meter == "none" else meter)
     with tqdm(total=len(prompts) * len(configs), desc="bench", unit="gen", file=sys.stderr,

@@ -30,6 +30,9 @@ class GenerationConfig:
     gamma: int = 4  # draft tokens per round (sps, mjsd, mtad)
     beam_width: int = 4  # draft beams (mjsd, mtad, mmtad)
     tau: float = 0.5  # joint-likelihood acceptance threshold (mjsd, mtad, mmtad)
+    draft_p_min: float = 0.0  # mjsd, mtad: stop drafting once the best beam's last token has q below it (0 = off)
+    no_repeat_ngram_size: int = 0  # ar, sps, mjsd, mtad (not mmtad, mcsd, mjgd): ban n-gram repeats (0 = off)
+    tune: bool = True  # Engine: adapt gamma / beam width between rounds for tokens/s (runtime/tuning.py)
     k_config: tuple[int, ...] = (2, 2, 1)  # MCSD children per depth
     stop: tuple[str, ...] = ()  # stop strings (need a tokenizer to decode)
     ignore_eos: bool = False  # keep generating past EOS (benchmarks, like llama.cpp --ignore-eos)
@@ -62,10 +65,15 @@ class GenerationConfig:
         _check(_is_int(self.gamma) and self.gamma >= 1, "gamma", self.gamma, "an integer >= 1")
         _check(_is_int(self.beam_width) and self.beam_width >= 1, "beam_width", self.beam_width, "an integer >= 1")
         _check(_is_num(self.tau) and 0 < self.tau <= 1, "tau", self.tau, "in (0, 1]")
+        _check(_is_num(self.draft_p_min) and 0 <= self.draft_p_min < 1, "draft_p_min", self.draft_p_min,
+               "in [0, 1) (0 = always draft gamma tokens)")
+        _check(_is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size",
+               self.no_repeat_ngram_size, "an integer >= 0 (0 = off)")
         _check(len(self.k_config) >= 1 and all(_is_int(k) and k >= 1 for k in self.k_config), "k_config",
                self.k_config, "a non-empty sequence of integers >= 1, e.g. (2, 2, 1)")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "a list of non-empty strings")
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "true or false")
+        _check(isinstance(self.tune, bool), "tune", self.tune, "true or false")
         _check(isinstance(self.mcsd_replacement, bool), "mcsd_replacement", self.mcsd_replacement, "true or false")
         _check(self.mcsd_strategy in MCSD_STRATEGIES, "mcsd_strategy", self.mcsd_strategy,
                f"one of {list(MCSD_STRATEGIES)}")

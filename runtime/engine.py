@@ -37,6 +37,7 @@ from .decoding.common import DecodeContext
 from .errors import ConfigError
 from .session import ModelSession
 from .stats import GenerationStats
+from .tuning import OnlineTuning
 
 BUILTIN_BUNDLE = "builtin_bundle"
 
@@ -136,6 +137,7 @@ class Engine:
         self.tokenizer = bundle.load_tokenizer()
         self.meters, self.idle_w = meters, idle_w
         self._controller_factory = controller_factory
+        self.tuning = OnlineTuning()  # throughput tuning without a budget, per kind of generation (cfg.tune)
         self.turns = Turns()
 
     @classmethod
@@ -223,10 +225,13 @@ class Engine:
         configured. Between turns the energy monitor is in phase "wait" (other generations' rounds), which its
         report leaves out."""
         tuner = self._controller_factory(cfg) if self._controller_factory and cfg.algo in TUNABLE else None
+        if tuner is None and cfg.tune and cfg.algo in TUNABLE:
+            tuner = self.tuning.tuner(cfg)
         kwargs = dict(draft=self.draft, vocab_size=self.bundle.vocab_size, eos_id=self.bundle.eos_token_id,
                       decode=self.decode, tune=tuner)
         if self.meters is None:
-            yield from self._take_turns(stream_ids(self.target, prompt_ids, cfg, stats, **kwargs), stats, cancelled)
+            yield from self._take_turns(stream_ids(self.target, prompt_ids, cfg, stats, **kwargs), stats, cancelled,
+                                        tuner.resume if tuner is not None else lambda: None)
             return
         from .energy import EnergyMonitor
         from .energy.accounting import WAIT
@@ -251,7 +256,7 @@ class Engine:
                 yield from self._take_turns(rounds, stats, cancelled, resume, lambda: mon.phase(WAIT))
             finally:
                 stats.energy = mon.report(stats.generated_tokens, stats.prompt_tokens).to_dict()
-        if tuner is not None:
+        if isinstance(tuner, BudgetTuner):  # a ThroughputTuner fills stats.controller itself
             stats.controller = [d.to_dict() for d in tuner.controller.history]
 
     def _take_turns(self, rounds: Iterator[list[int]], stats: GenerationStats, cancelled: threading.Event,

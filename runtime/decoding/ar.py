@@ -9,7 +9,7 @@ from .common import DecodeContext
 def ar(ctx: DecodeContext) -> Iterator[list[int]]:
     while True:
         logits = ctx.target.forward(ctx.unfed(ctx.target_cache), ctx.target_cache)
-        token = ctx.pick(logits[0, -1])
+        token = ctx.pick(ctx.no_repeat(logits[0, -1], [()]))
         ctx.stats.record_round(0, 0)
         ctx.ids.append(token)
         yield [token]

@@ -17,6 +17,7 @@ import numpy as np
 from ..config import GenerationConfig
 from ..errors import ConfigError
 from ..kvcache import KVCache
+from ..repetition import ban_repeats
 from ..sampling import greedy, probs, sample, shared_vocab
 from ..session import ModelSession
 from ..stats import GenerationStats
@@ -36,6 +37,14 @@ class DecodeContext:
 
     def unfed(self, cache: KVCache) -> list[int]:
         return self.ids[cache.length:]
+
+    def no_repeat(self, logits: np.ndarray, extras) -> np.ndarray:
+        """logits [R, V] (or [V]) with cfg.no_repeat_ngram_size applied, row r's history being ids + extras[r]
+        (runtime/repetition.py); the logits themselves when it is off."""
+        n = self.cfg.no_repeat_ngram_size
+        if not n:
+            return logits
+        return ban_repeats(logits, [self.ids + [int(t) for t in e] for e in extras], n)
 
     def dist(self, logits: np.ndarray) -> np.ndarray:
         """The filtered distribution of algorithms.md over the shared vocabulary."""

@@ -23,16 +23,18 @@ def score(ctx: DecodeContext, logits: np.ndarray) -> np.ndarray:
 
 
 def draft_beams(ctx: DecodeContext, sampling: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Beam-decode gamma draft tokens; returns the best beam [gamma] and its per-position logQ [gamma].
-    Leaves the draft cache at that beam's row (its last token unfed)."""
-    cache, width = ctx.draft_cache, ctx.cfg.beam_width
+    """Beam-decode up to gamma draft tokens; returns the best beam [n] and its per-position logQ [n].
+    Stops early (adaptive draft length) once the best beam's last token had draft probability below
+    cfg.draft_p_min: acceptance of what would follow is unlikely. Leaves the draft cache at that beam's row (its last
+    token unfed)."""
+    cache, width, p_min = ctx.draft_cache, ctx.cfg.beam_width, ctx.cfg.draft_p_min
     feed = [ctx.unfed(cache)]
     beams, logq_hist = np.zeros((1, 0), np.int64), np.zeros((1, 0))
     cum, greedy = np.zeros(1), 0
     for s in range(ctx.cfg.gamma):
         if s:
             cache.gather(parents)
-        logq = score(ctx, ctx.draft.forward(feed, cache)[:, -1])
+        logq = score(ctx, ctx.no_repeat(ctx.draft.forward(feed, cache)[:, -1], beams))
         if sampling:
             parents, tokens, cum, greedy = beam_sample_step(ctx.rng, cum, np.exp(logq), width, greedy)
         else:
@@ -40,17 +42,26 @@ def draft_beams(ctx: DecodeContext, sampling: bool) -> tuple[np.ndarray, np.ndar
         beams = np.column_stack([beams[parents], tokens])
         logq_hist = np.column_stack([logq_hist[parents], logq[parents, tokens]])
         feed = tokens[:, None]
+        if p_min and draft_should_stop(cum, logq_hist[:, -1], p_min):
+            break
     best = int(np.argmax(cum))
     cache.gather([parents[best]])
     return beams[best], logq_hist[best]
 
 
+def draft_should_stop(cum_logq: np.ndarray, last_logq: np.ndarray, p_min: float) -> bool:
+    """Adaptive draft length: stop when the best beam (highest joint Q) drew its last token with probability below
+    p_min (llama.cpp's --draft-p-min, on the beam the target will score)."""
+    return bool(last_logq[int(np.argmax(cum_logq))] < np.log(p_min))
+
+
 def joint_rounds(ctx: DecodeContext, sampling: bool) -> Iterator[list[int]]:
     while True:
-        gamma = ctx.cfg.gamma  # read every round: the power controller may change it between rounds
         base = len(ctx.ids)  # accepted text incl. the pending token
-        draft, logq = draft_beams(ctx, sampling)
+        draft, logq = draft_beams(ctx, sampling)  # cfg is read every round: a tuner may change it between rounds
+        gamma = len(draft)
         logits = ctx.target.forward(ctx.unfed(ctx.target_cache) + draft.tolist(), ctx.target_cache)[0, -(gamma + 1):]
+        logits = ctx.no_repeat(logits, [draft[:j] for j in range(gamma + 1)])
         n = accept_length(token_logprobs(score(ctx, logits[:gamma]), draft), logq, ctx.cfg.tau)
         token = ctx.pick(logits[n])
         ctx.target_cache.crop(base + n)

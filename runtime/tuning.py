@@ -1,0 +1,93 @@
+"""Online tuning without a power budget: adapt beam width and gamma between rounds to maximise tokens/s.
+
+The power controller's machinery (runtime/energy/controller.py: EWMA estimates per configuration, dwell, probes of
+neighbours judged by standard errors, backoff, tabu) with the throughput objective and no budget, fed the wall time
+of each round instead of meter readings, so it needs no meter. What a configuration yields depends on the prompt
+mix and the machine, not on one generation, so the Engine keeps one controller per kind of generation (algorithm,
+sampling settings, tau, draft_p_min, the run's gamma and width) and every generation of that kind continues where
+the last one left off. Each generation's stats carry the decisions in force during it (`stats.controller`).
+
+The tuner never goes above the run's own gamma (the context check reserved only that lookahead) nor, for mmtad
+(whose lookahead is gamma x width), above its width.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from .config import GenerationConfig
+from .decoding.common import DecodeContext
+from .energy.controller import PowerController
+
+GAMMAS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)  # gamma steps a tuner walks (finer where acceptance changes fastest)
+WIDTHS = (1, 2, 4)
+
+
+def search_space(cfg: GenerationConfig) -> tuple[list[int], list[int]]:
+    """(widths, gammas) a tuner may pick for `cfg`, which are always among them (its starting point)."""
+    gammas = sorted({g for g in GAMMAS if g <= cfg.gamma} | {cfg.gamma})
+    if cfg.algo in ("mjsd", "mtad"):
+        widths = sorted({w for w in WIDTHS if w <= max(cfg.beam_width, 2)} | {cfg.beam_width})
+    elif cfg.algo == "mmtad":
+        widths = sorted({w for w in WIDTHS if w <= cfg.beam_width} | {cfg.beam_width})
+    else:  # sps has no beams: keep the width as given
+        widths = [cfg.beam_width]
+    return widths, gammas
+
+
+def controller_key(cfg: GenerationConfig) -> tuple:
+    """Generations that share a key share a controller: what they observe says the same about a configuration."""
+    return (cfg.algo, cfg.temperature, cfg.top_k, cfg.top_p, cfg.tau, cfg.draft_p_min, cfg.gamma, cfg.beam_width)
+
+
+class ThroughputTuner:
+    """The driver's `tune` hook: observes each round's tokens and wall time, applies the controller's (W, gamma)."""
+
+    def __init__(self, controller: PowerController, lock: threading.Lock,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.controller, self._lock, self._clock = controller, lock, clock
+        self._last: float | None = None
+        self._counts = (0, 0)  # stats.draft_tokens, stats.accepted_tokens at the last call
+        self._first = 0  # the controller's first decision in force during this generation
+
+    def __call__(self, ctx: DecodeContext, new: list[int] | None) -> None:
+        """Called by the driver before the first round (new=None) and after every round."""
+        now, s = self._clock(), ctx.stats
+        with self._lock:
+            if new is None:
+                self._first = len(self.controller.history) - 1
+            elif self._last is not None and now > self._last:
+                self.controller.observe(ctx.cfg.beam_width, ctx.cfg.gamma, len(new), now - self._last, watts=0.0,
+                                        drafted=s.draft_tokens - self._counts[0],
+                                        accepted=s.accepted_tokens - self._counts[1])
+            width, gamma = self.controller.choose()
+            s.controller = [d.to_dict() for d in self.controller.history[self._first:]]
+        ctx.cfg = replace(ctx.cfg, beam_width=width, gamma=gamma)
+        self._counts = (s.draft_tokens, s.accepted_tokens)
+        self._last = self._clock()  # the tuner's own time is not the next round's
+
+    def resume(self) -> None:
+        """At the start of a turn: the time since the last round was other generations'."""
+        if self._last is not None:
+            self._last = self._clock()
+
+
+class OnlineTuning:
+    """An Engine's throughput controllers, one per controller_key, shared by its generations (thread-safe)."""
+
+    def __init__(self, dwell_rounds: int = 12, ewma_alpha: float = 0.25):
+        self.dwell_rounds, self.ewma_alpha = dwell_rounds, ewma_alpha
+        self.controllers: dict[tuple, PowerController] = {}
+        self._lock = threading.Lock()
+
+    def tuner(self, cfg: GenerationConfig) -> ThroughputTuner:
+        with self._lock:
+            key = controller_key(cfg)
+            if key not in self.controllers:
+                widths, gammas = search_space(cfg)
+                self.controllers[key] = PowerController(widths, gammas, None, "throughput",
+                                                        (cfg.beam_width, cfg.gamma), self.ewma_alpha,
+                                                        self.dwell_rounds)
+            return ThroughputTuner(self.controllers[key], self._lock)
