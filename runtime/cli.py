@@ -14,6 +14,7 @@ from .errors import MjsdError
 
 # Exit codes (README "Exit codes"): 0 success, 1 error, 2 usage (a bad flag or value), 130 interrupted (Ctrl-C).
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+_NO_ARGS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 def _one_line(text: str) -> str:
@@ -27,6 +28,9 @@ class _Group(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NO_ARGS_HELP as e:  # plain `mjsd` (click >= 8.2): the help, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
         except click.UsageError as e:  # bad flag, value or argument
             hint = f" (see: {e.ctx.command_path} --help)" if e.ctx is not None else ""
             code, line = EXIT_USAGE, f"{_one_line(e.format_message())}{hint}"
@@ -472,7 +476,7 @@ def format_stats(stats: dict) -> str:
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-text token.")
 @click.option("--provider", help="Execution provider preference, comma-separated: tensorrt,cuda,cpu "
               "(default: the profile's, else cpu).")
-@click.option("--threads", type=int, help="Intra-op threads per session (default: ONNX Runtime's).")
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads per session (default: ONNX Runtime's).")
 @click.option("--profile", help="Device profile (name or .toml path).")
 @click.option("--meter", type=click.Choice(["auto", "jetson", "nvml", "rapl", "estimate", "none"]), default="auto",
               show_default=True, help="Energy meter ('none': no energy accounting).")
@@ -534,7 +538,7 @@ def generate_cmd(prompt, prompt_file, bundle, algo, max_new_tokens, temperature,
 @click.option("--grace-period", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="On SIGTERM: seconds in-flight requests get to finish before they are cancelled.")
 @click.option("--provider", help="Execution provider preference, comma-separated: tensorrt,cuda,cpu.")
-@click.option("--threads", type=int, help="Intra-op threads per session (default: ONNX Runtime's).")
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads per session (default: ONNX Runtime's).")
 @click.option("--meter", type=click.Choice(["auto", "jetson", "nvml", "rapl", "estimate", "none"]), default="auto",
               show_default=True, help="Energy meter ('none': no energy accounting).")
 @click.option("--model-name", help="The model id clients ask for (default: the bundle's folder name, "
@@ -576,7 +580,7 @@ def serve_cmd(bundle, host, port, profile, power_budget, api_key, max_queue, tim
 @click.option("--no-repeat-ngram-size", type=int, default=GenerationConfig.no_repeat_ngram_size, show_default=True)
 @click.option("--tune/--no-tune", default=GenerationConfig.tune, show_default=True,
               help="Online tuning of gamma and beam width (the Engine keeps learning across the run's generations).")
-@click.option("--threads", type=int, help="Intra-op threads per session.")
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads per session.")
 @click.option("--meter", type=click.Choice(["auto", "jetson", "nvml", "rapl", "estimate", "none"]), default="auto",
               show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON.")
@@ -626,7 +630,7 @@ def _list(kind):
             values = tuple(kind(v) for v in value.split(",") if v.strip()) if value else ()
         except ValueError:
             raise click.BadParameter(f"{value!r} is not a comma-separated list of {kind.__name__} values") from None
-        if not all(math.isfinite(v) for v in values):
+        if kind is float and not all(math.isfinite(v) for v in values):
             raise click.BadParameter(f"{value!r} holds a value that is not a finite number")
         return values
     return parse
@@ -655,7 +659,7 @@ def _list(kind):
               help="Passes over the prompt set per configuration.")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
               help="Unmeasured generations per configuration before timing.")
-@click.option("--threads", type=int, help="Intra-op threads per session.")
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads per session.")
 @click.option("--profile", "device_profile", help="Device profile (name or .toml path): meters, budgets.")
 @click.option("--meter", type=click.Choice(["auto", "jetson", "nvml", "rapl", "estimate", "none"]), default="auto",
               show_default=True)
@@ -669,12 +673,12 @@ def profile_cmd(out, resume_dir, force, bundle, prompts_file, limit, algos, beam
     from tqdm import tqdm
 
     from .bench import load_prompts, load_references
-    from .sweep import create_run, plan_cells, run_sweep
+    from .sweep import create_run, find_run, plan_cells, run_sweep
 
     if resume_dir is not None:
         if out is not None:
             raise MjsdError("give either --out (a new run) or --resume (an existing one), not both")
-        run = resume_dir
+        run = find_run(resume_dir)  # refuse a wrong folder before the progress bar starts
     else:
         if budgets and meter == "none":
             raise MjsdError("power budgets need energy readings: do not pass --meter none")

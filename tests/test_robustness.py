@@ -425,7 +425,11 @@ CLI_CASES = [
      "must be comma-separated finite numbers"),
     ("profile --budgets inf", ["profile", "--budgets", "inf", "--out", "runs/x"], None, 2, "not a finite number"),
     ("profile --taus nan", ["profile", "--taus", "nan", "--out", "runs/x"], None, 2, "not a finite number"),
-    ("report of a folder that is no run", ["report", "."], None, 1, "run"),
+    ("report of a folder that is no run", ["report", "."], None, 1, "is not a profile run directory"),
+    ("profile --resume of a missing folder", ["profile", "--resume", "/nonexistent/run"], None, 1,
+     "is not a profile run directory"),
+    ("profile --algos unknown", ["profile", "--algos", "ar,nope", "--out", "runs/x"], None, 1, "algo='nope' is invalid"),
+    ("--threads -1", ["generate", "x", "--threads", "-1"], None, 2, "is not in the range x>=1"),
     ("export over a folder that is no bundle", ["export", "--target", "t", "--draft", "d", "--out", "occupied"], None,
      1, "is not an mjsd bundle; refusing to overwrite it"),
 ]
@@ -450,6 +454,11 @@ def test_cli_bad_input_is_one_line(tiny_vocab_bundle, tmp_path, monkeypatch, cas
     assert message in line, line
     assert snapshot(tmp_path, tiny_vocab_bundle) == before  # nothing written, nothing lost
     record(f"CLI: {case}", f"exit {code}, one line: '{message}'", line)
+
+
+def test_plain_mjsd_shows_the_help_not_an_error():
+    res = CliRunner().invoke(main, [], prog_name="mjsd")
+    assert "Usage: mjsd" in res.output and "error:" not in res.output and "Traceback" not in res.output
 
 
 def test_stop_processes_escapes_like_llama_cpp(tiny_vocab_bundle):
