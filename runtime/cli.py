@@ -507,6 +507,7 @@ def generate_cmd(prompt, prompt_file, bundle, algo, max_new_tokens, temperature,
             pass
         click.echo(json.dumps({"prompt": text, "text": stream.text, "tokens": stream.tokens,
                                "stats": stream.stats.to_dict()}))
+        _warn_if_budget_infeasible(stream.stats)
         return
     try:
         for piece in stream:
@@ -518,8 +519,17 @@ def generate_cmd(prompt, prompt_file, bundle, algo, max_new_tokens, temperature,
             click.echo(format_stats(stream.stats.to_dict()), err=True)
         raise
     click.echo()
+    _warn_if_budget_infeasible(stream.stats)
     if show_stats:
         click.echo(format_stats(stream.stats.to_dict()), err=True)
+
+
+def _warn_if_budget_infeasible(stats) -> None:
+    """One line on stderr when --power-budget could not be met (the cheapest configuration is over it)."""
+    from .energy.controller import budget_warning
+
+    if line := budget_warning(stats.controller):
+        click.echo(line, err=True)
 
 
 # --- serve: the OpenAI-compatible HTTP service (runtime/server/) ------------------------------------------------------

@@ -329,6 +329,8 @@ class BudgetTuner:
     def __call__(self, ctx: DecodeContext, new: list[int] | None) -> None:
         """Called by the driver before the first round (new=None) and after every round."""
         now = self.monitor.energy()
+        if new is None:  # settle after each change at least as long as the meter lags (NVML power: a 1-s average)
+            self.controller.expect_lag(self.monitor.sampler.meter.averaging_s)
         if new is not None and self._last is not None and now[0] > self._last[0]:
             self.controller.observe(ctx.cfg.beam_width, ctx.cfg.gamma, len(new), now[0] - self._last[0],
                                     joules=now[1] - self._last[1], accepted=len(new) - 1, drafted=ctx.cfg.gamma)

@@ -121,3 +121,18 @@ def test_record_a_tree_and_replay_it(tmp_path, tree):
     if tree != "rapl":
         assert (root / fake_sysfs.INA_JP4 if "xavier" in tree else root / fake_sysfs.INA).joinpath(
             "1-0040").is_symlink()
+
+
+def test_generate_reports_an_infeasible_power_budget(llama_bundle):
+    # the run's own (W, gamma) = (1, 1) is the only configuration; the estimate never draws under its 10 W idle
+    args = ["generate", "def f(x):", "--bundle", str(llama_bundle), "--algo", "sps", "--gamma", "1", "--beam-width",
+            "1", "-n", "16", "--ignore-eos", "--meter", "estimate", "--power-budget", "0.5"]
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    assert "warning: power budget 0.5 W is infeasible: the cheapest configuration (beam width 1, gamma 1) draws" \
+        in r.stderr and "Raise --power-budget" in r.stderr
+    out = json.loads(run(*args, "--json").stdout)
+    assert [d["reason"] for d in out["stats"]["controller"]][-1] == "budget infeasible"
+    assert out["stats"]["controller"][-1]["watts"] > 0.5
+    r = run(*args[:-1], "500")  # a budget that is met: no warning
+    assert r.exit_code == 0 and "infeasible" not in r.stderr
