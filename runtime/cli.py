@@ -341,9 +341,9 @@ def power_cmd(profile_name, meter, duration, hz, as_json, record_file):
     if as_json:
         click.echo(json.dumps(out, indent=2))
     elif out["readings"]:
-        label = "  ESTIMATED (no sensor: CPU-time model)" if out["estimated"] else ""
-        click.echo(f"source {out['source']}: {out['energy_j']:.2f} J in {seconds:.2f} s, average "
-                   f"{out['avg_w']:.2f} W, peak {out['peak_w']:.2f} W{label}")
+        source = "ESTIMATED (no sensor: CPU-time model)" if out["estimated"] else f"source {out['source']}"
+        click.echo(f"{source}: {out['energy_j']:.2f} J in {seconds:.2f} s, average {out['avg_w']:.2f} W, peak "
+                   f"{out['peak_w']:.2f} W")
     for w in sampler.warnings:
         click.echo(f"warning: {w}", err=True)
 

@@ -456,6 +456,16 @@ def test_cli_bad_input_is_one_line(tiny_vocab_bundle, tmp_path, monkeypatch, cas
     record(f"CLI: {case}", f"exit {code}, one line: '{message}'", line)
 
 
+def test_estimated_energy_is_labelled_once(tiny_vocab_bundle):
+    power = CliRunner().invoke(main, ["power", "--duration", "0.3", "--meter", "estimate"])
+    gen = CliRunner().invoke(main, ["generate", "a b", "--bundle", str(tiny_vocab_bundle), "-n", "3", "--stats",
+                                    "--meter", "estimate"])
+    lines = [ln for ln in (power.output + gen.output).splitlines() if "ESTIMATED" in ln]
+    assert power.exit_code == gen.exit_code == 0 and len(lines) == 2, lines
+    assert all(ln.count("ESTIMATED") == 1 and "source estimate" not in ln for ln in lines), lines
+    record("stats: estimated energy", "labelled once (no 'source estimated ESTIMATED')", lines[-1].strip())
+
+
 def test_plain_mjsd_shows_the_help_not_an_error():
     res = CliRunner().invoke(main, [], prog_name="mjsd")
     assert "Usage: mjsd" in res.output and "error:" not in res.output and "Traceback" not in res.output
