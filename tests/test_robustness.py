@@ -36,7 +36,8 @@ def _table():
     path = os.environ.get("MJSD_ROBUSTNESS_TABLE")
     if path:
         lines = ["| case | expected | observed |", "|---|---|---|"]
-        lines += [f"| {c} | {e} | {o.replace('|', '/')} |" for c, e, o in ROWS]
+        rows = {c: (e, o) for c, e, o in reversed(ROWS)}  # one row per case (bundle fixtures may be parametrized)
+        lines += [f"| {c} | {e} | {o.replace('|', '/')} |" for c, (e, o) in reversed(rows.items())]
         Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -552,6 +553,27 @@ def test_api_bad_input_raises_one_mjsd_error(engine, case, call, message):
     record(f"API: {case}", f"{type(err.value).__name__}: '{message}'", line)
 
 
+def test_an_abandoned_stream_holds_no_one_up(engine):
+    """A client that started a stream and went away (never iterated further, never closed): other threads'
+    generations still run, and give what they give alone."""
+    import threading
+    import time
+
+    alone = engine.generate("a b c", algo="sps", max_new_tokens=6, ignore_eos=True, temperature=1.0, seed=7).tokens
+    abandoned = engine.stream("a b", algo="mtad", max_new_tokens=40, ignore_eos=True)
+    next(iter(abandoned))
+    got, t0 = [], time.perf_counter()
+    t = threading.Thread(target=lambda: got.append(engine.generate("a b c", algo="sps", max_new_tokens=6,
+                                                                   ignore_eos=True, temperature=1.0, seed=7).tokens))
+    t.start()
+    t.join(timeout=30)
+    seconds = time.perf_counter() - t0
+    assert not t.is_alive() and got == [alone] and engine.turns.waiting == 0
+    del abandoned
+    record("API: a started, never-consumed stream", "other threads' generations run, same tokens as alone",
+           f"other generation done in {seconds:.2f} s, tokens identical")
+
+
 # --- export install: --out never loses a good bundle ------------------------------------------------------------------
 
 def _fake_bundle(path: Path, tag: str) -> Path:
@@ -633,7 +655,7 @@ ANY_VALUE = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**6), st.float
                       st.text(max_size=4), st.lists(st.integers(-1, 4), max_size=3), st.binary(max_size=3))
 
 
-@hypothesis.settings(max_examples=400, deadline=None, database=None)
+@hypothesis.settings(max_examples=400, deadline=None, database=None, derandomize=True)
 @hypothesis.given(st.dictionaries(st.sampled_from(FIELDS), ANY_VALUE, max_size=4))
 def test_generation_config_accepts_only_valid_values(kwargs):
     """Any values: either a valid config (finite numbers, normalised, round-trips) or one ConfigError line naming a
@@ -652,11 +674,11 @@ def test_generation_config_accepts_only_valid_values(kwargs):
 VALID = dict(algo=st.sampled_from(["ar", "sps", "mjsd", "mtad", "mmtad", "mcsd", "mjgd"]),
              max_new_tokens=st.integers(1, 6), temperature=st.sampled_from([0.0, 0.5, 1.0, 3.0]),
              top_k=st.integers(0, 5), top_p=st.floats(0.05, 1.0), seed=st.integers(0, 2**32),
-             gamma=st.integers(1, 3), beam_width=st.integers(1, 3), tau=st.floats(0.01, 1.0),
+             gamma=st.integers(1, 2), beam_width=st.integers(1, 3),  # mjgd scores vocab**gamma paths per round tau=st.floats(0.01, 1.0),
              k_config=st.lists(st.integers(1, 3), min_size=1, max_size=2).map(tuple), ignore_eos=st.booleans())
 
 
-@hypothesis.settings(max_examples=40, deadline=None, database=None)
+@hypothesis.settings(max_examples=30, deadline=None, database=None, derandomize=True)
 @hypothesis.given(st.fixed_dictionaries({}, optional=VALID), st.lists(st.integers(0, 11), min_size=1, max_size=8))
 def test_random_valid_configs_generate_or_refuse_cleanly(engine, params, prompt):
     """Random valid configurations on a real engine: tokens in the vocabulary, or an MjsdError (e.g. a tree
