@@ -16,7 +16,7 @@ key at fault (schema). Schema (every table optional except [power])::
     [power.total]                        # which INA3221s and rails make up the module total (default: see jetson.py)
     chips = ["1-0040"]                   # <bus>-<addr> of the module's chips; rails on other chips are carrier rails
     rails = ["VDD_IN"]                   # summed into the total (default: the input rail, else every module rail)
-    [[power.modes]]                      # nvpmodel power modes; budget_w is the default power budget in that mode
+    [[power.modes]]                      # nvpmodel power modes; budget_w: the budget when the mode is named
     name = "15W"
     budget_w = 15.0
     nvpmodel = 0                         # optional: the nvpmodel id of the mode
@@ -36,7 +36,7 @@ key at fault (schema). Schema (every table optional except [power])::
     settle_s = 1.0                       # after a change, rounds this long are not measured (meter lag)
 
 A mode's wattage is the name NVIDIA gives a set of clock caps, not a limit the hardware enforces: the module can draw
-more (or much less) than it. It is only the default budget; measure and pass --power-budget for a real limit.
+more (or much less) than it. No run takes it as its budget unasked; measure and pass --power-budget for a real limit.
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ _TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "a tabl
 @dataclass(frozen=True)
 class PowerMode:
     name: str
-    budget_w: float | None  # None: a mode without clock caps (MAXN), so no default budget
+    budget_w: float | None  # None: a mode without clock caps (MAXN), so no budget of its own
     nvpmodel: int | None = None
     description: str = ""
 

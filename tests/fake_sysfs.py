@@ -111,6 +111,18 @@ def agx_orin_industrial(root: Path) -> FakeSysfs:
     return fs
 
 
+def thor_ina238(fs: FakeSysfs, chip: str = "2-0044", hwmon: str = "hwmon5", mv: int = 19000, ma: int = 3000) -> str:
+    """An INA238 on the mainline hwmon driver (Documentation/hwmon/ina238.rst: in0 shunt mV, in1 bus mV, curr1 mA,
+    power1 uW, temp1 mC), as Jetson Thor has for VIN. The bus and address are placeholders: no Thor tree was recorded."""
+    base = _i2c_device(fs, "bus/i2c/drivers/ina238", chip)
+    d = f"{base}/hwmon/{hwmon}"
+    for key, value in (("name", "ina238"), ("in0_input", 12), ("in1_input", mv), ("curr1_input", ma),
+                       ("power1_input", mv * ma), ("temp1_input", 41000)):
+        fs.write(f"{d}/{key}", value)
+    fs.link(f"class/hwmon/{hwmon}", os.path.relpath(os.path.realpath(fs.root / d), fs.root))
+    return d
+
+
 def _iio_chip(fs: FakeSysfs, chip: str, device: str, rails: list[tuple[str, int, int]]) -> str:
     d = f"{_i2c_device(fs, INA_JP4, chip)}/{device}"
     for n, (name, mw, mv) in enumerate(rails):

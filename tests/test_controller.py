@@ -209,7 +209,7 @@ def test_an_infeasible_budget_is_reported_once_and_the_cheapest_configuration_ke
     msg = budget_warning([d.to_dict() for d in ctl.history])
     assert msg.startswith(f"warning: power budget {budget:g} W is infeasible") and "(beam width 1, gamma 1)" in msg
     ctl.set_budget(50.0)  # a budget that can be met clears it
-    assert ctl.infeasible is None and budget_warning([ctl.history[-1].to_dict()]) is None
+    assert ctl.infeasible is None and budget_warning([d.to_dict() for d in ctl.history]) is None
 
 
 def test_a_feasible_budget_is_not_reported():
@@ -262,6 +262,8 @@ def test_history_and_profile_defaults():
     d = ctl.history[0].to_dict()
     assert d["reason"] == "start" and d["width"] == 1 and d["gamma"] == 4
     assert PowerController.from_profile(load_profile("orin-nano"), budget_w=9.5).budget_w == 9.5
+    # the default mode's "15W" is a set of clock caps, not a power limit: no budget unless one is asked for
+    assert PowerController.from_profile(load_profile("orin-nano"), objective="energy").budget_w is None
     ctl.expect_lag(1.0)  # NVML power: a 1-s average
     assert ctl.settle_s == 1.0
     ctl.expect_lag(0.1)

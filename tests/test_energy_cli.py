@@ -100,6 +100,17 @@ def test_generate_samples_at_the_profiles_rate(llama_bundle, monkeypatch):
     assert rates == [20.0]
 
 
+def test_record_keeps_a_thor_ina238(tmp_path):
+    from mjsd.runtime.energy.record import replay
+
+    fake_sysfs.thor_ina238(fake_sysfs.orin_nano(tmp_path / "sys"))
+    archive = tmp_path / "thor.tar.gz"
+    assert run("power", "--record", str(archive), env={"MJSD_SYSFS_ROOT": str(tmp_path / "sys")}).exit_code == 0
+    root = replay(archive, tmp_path / "replayed")
+    d = root / "bus/i2c/drivers/ina238/2-0044"
+    assert d.is_symlink() and (d / "hwmon/hwmon5/power1_input").read_text().strip() == str(19000 * 3000)
+
+
 @pytest.mark.parametrize("tree", ["agx_orin_industrial", "agx_xavier_jp4", "rapl"])
 def test_record_a_tree_and_replay_it(tmp_path, tree):
     from mjsd.runtime.energy import open_meters

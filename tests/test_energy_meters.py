@@ -247,3 +247,15 @@ def test_detection_order_root_override_and_fallback(tmp_path, monkeypatch):
     assert [m.name for m in open_meters(profile=load_profile("x86-rapl"))] == ["estimated"]
     with pytest.raises(SensorError, match="meter 'rapl' is not usable here: no RAPL zones"):
         open_meters("rapl")
+
+
+def test_jetson_thor_ina238_is_noted_not_read(tmp_path):
+    # Thor: INA238 on VIN (module + carrier) beside the module's INA3221; only the INA3221 rails are read
+    fs = fake_sysfs.orin_nano(tmp_path)
+    fake_sysfs.thor_ina238(fs)
+    meter = JetsonMeter.detect(tmp_path)
+    assert meter.read().watts == pytest.approx(7.0) and not meter.read().carrier
+    assert "INA238 at 2-0044 not read" in meter.describe()["notes"][0]
+    fs.remove(fake_sysfs.INA)  # an INA238 alone: no meter, and the error says why
+    with pytest.raises(SensorError, match="INA238 at 2-0044 not read: Jetson Thor"):
+        JetsonMeter.detect(tmp_path)

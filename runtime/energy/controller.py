@@ -11,30 +11,33 @@ maximises tokens/J (minimises J/token), under the budget when one is set. Pure P
                     drafted=n_drafted, accepted=n_accepted)                        # optional: steers gamma
     ctl.history   # every change of (W, gamma) with its reason and estimates, for stats
 
-How it decides (after onnxruntime-genai's adaptive-K rule, made safe for noisy rounds):
-- every configuration keeps EWMA estimates (25% weight on the newest) of tokens/s, watts, tokens/J and acceptance,
-  updated once per `dwell_rounds` rounds: one round's token count (0..gamma accepted) is far too noisy to move an
-  estimate by 25% on its own;
+How it decides (after onnxruntime-genai's adaptive-K rule, made safe for real meters: issue 14):
 - settling: rounds that start less than `settle_s` after a change of configuration are not measured. A meter that
   averages (NVML power: the last 1 s) or a clock governor that follows the load still shows the previous
   configuration's power then; counted, a probe's power spills into the configuration after it and reads as a false
-  over-budget step;
-- over budget: when the mean power since entering the current configuration, less two standard errors (widened for
-  small samples, as Student's t is: so noise alone rarely trips it), exceeds the budget, step down at once to the best known configuration under the budget,
-  or to a cheaper neighbour, and do not probe the offender again for a while;
-- infeasible budget: when the cheapest configuration is itself over the budget, the controller says so once
-  (reason "budget infeasible", with its measured watts; `infeasible`, `budget_warning`) and stays there, the least
-  power it can draw;
+  over-budget step. (An early guard still steps down while settling when the lagged mix, between a configuration
+  that was within the budget and this one, is itself clearly over it.) The engine sets settle_s to at least the
+  meter's `averaging_s` (`expect_lag`);
+- measurements: every configuration keeps the mean and spread of its settled rounds' power and score, and EWMA
+  estimates (25% weight per dwell of `dwell_rounds` rounds) for display. Scores use the tokens a round yields on
+  average by the acceptance rates per draft position (given drafted/accepted), not the round's own geometric
+  count; standard errors take the larger of a sample's own spread and the spread pooled over all configurations;
+- over budget: step down at once to the best known configuration within the budget, or to a cheaper neighbour, when
+  the mean power since entering (or over every settled round here) is over the budget by more than guard_z standard
+  errors, or two 1.5-s blocks in a row are over it by more than 5% (an energy counter that steps every ~0.1 s makes
+  per-round readings 0 or a whole step); the configuration is then not probed again under this budget;
+- infeasible budget: when the cheapest configuration is itself over the budget, say so once (reason
+  "budget infeasible", with its measured watts; `infeasible`, `budget_warning`) and stay there, the least power the
+  run can draw;
 - otherwise, every `interval` rounds, probe one neighbour (gamma +-1, the next width, or a trade of one for the
-  other), untried ones first, gamma in the direction the acceptance rate suggests (shrink below 50%, grow at >= 75%);
-  neighbours known to exceed the budget (by the mean of all their measured rounds) are skipped, untried costlier
-  ones are tried only with headroom (and first, for throughput), and well-measured ones whose upper bound is below the current mean are not
-  probed again;
-- a probe runs at least `dwell_rounds` rounds and ends early when clearly better or clearly worse (three standard
-  errors after one dwell, two later) than all rounds so far at the prior configuration; else after 4 dwells it is kept only at >= 97% of the
-  prior's score. A rejected probe doubles the probe interval (backoff), so the controller never oscillates round by round;
-- probing cost is bounded: no probe starts while the time spent in rejected probes (settling back included) exceeds
-  PROBE_SHARE of the run.
+  other) by upper confidence bound, untried ones first: costlier ones first while there is headroom (throughput),
+  gamma in the direction the acceptance rate suggests (shrink below 50%, grow at >= 75%). Skipped: neighbours over
+  the budget, untried costlier ones without HEADROOM, well-measured ones whose upper bound is below the current mean;
+- a probe runs at least `dwell_rounds` rounds; it ends early when clearly better or worse (three standard errors after
+  one dwell, two later) than the prior configuration, or when its power is likely over the budget (one standard
+  error); it is kept only once its power is clearly within budget + 5%; undecided after 4 dwells it is kept at >= 97%
+  of the prior's score. A rejected probe doubles the probe interval (backoff): no oscillation round by round;
+- probing cost is bounded: no probe starts while the time spent in rejected probes exceeds PROBE_SHARE of the run.
 """
 from __future__ import annotations
 
@@ -235,13 +238,17 @@ class PowerController:
     def from_profile(cls, profile, budget_w: float | None = None, mode: str | None = None,
                      objective: str | None = None, max_width: int | None = None,
                      max_gamma: int | None = None) -> PowerController:
-        """A controller with the profile's defaults; the budget is `budget_w` or the power mode's. max_width /
+        """A controller with the profile's defaults; the budget is `budget_w`, or the wattage of the power mode named
+        by `mode` (a mode's wattage is a set of clock caps, not a limit the module keeps to, so no mode is used
+        unasked), else none. max_width /
         max_gamma drop larger configurations (a run reserves its context for its own gamma and beam width)."""
         c = profile.controller
         widths = [w for w in c.widths if max_width is None or w <= max_width] or [max_width]
         gammas = [g for g in c.gammas if max_gamma is None or g <= max_gamma] or [max_gamma]
         start = (min(c.start[0], widths[-1]), min(c.start[1], gammas[-1]))  # the profile's start, clamped
-        return cls(widths, gammas, budget_w if budget_w is not None else profile.budget_w(mode),
+        if budget_w is None and mode is not None:
+            budget_w = profile.budget_w(mode)
+        return cls(widths, gammas, budget_w,
                    objective or c.objective, start, c.ewma, c.dwell_rounds, c.settle_s)
 
     # --- public API -------------------------------------------------------------------------------------------
@@ -527,11 +534,13 @@ class PowerController:
                                      self.budget_w))
 
 
-def budget_warning(decisions: list[dict]) -> str | None:
-    """One line for the user when a run's budget could not be met (from stats' controller decisions), else None."""
-    d = next((d for d in reversed(decisions or []) if d["reason"] == INFEASIBLE), None)
-    if d is None:
-        return None
-    return (f"warning: power budget {d['budget_w']:g} W is infeasible: the cheapest configuration (beam width "
-            f"{d['width']}, gamma {d['gamma']}) draws {d['watts']:.2f} W; the run stayed there. Raise --power-budget or "
-            "choose a lower power mode")
+def budget_warning(decisions: list[dict] | None) -> str | None:
+    """One line for the user when the run's (latest) budget could not be met, from stats' controller decisions."""
+    for d in reversed(decisions or []):
+        if d["reason"] == "budget changed":
+            return None
+        if d["reason"] == INFEASIBLE:
+            return (f"warning: power budget {d['budget_w']:g} W is infeasible: the cheapest configuration (beam width "
+                    f"{d['width']}, gamma {d['gamma']}) draws {d['watts']:.2f} W; the run stayed there. Raise "
+                    "--power-budget or choose a lower power mode")
+    return None

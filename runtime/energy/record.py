@@ -1,6 +1,7 @@
 """Capture a device's sysfs power tree into a tar.gz that tests replay (`mjsd power --record FILE`).
 
-What is kept: the files the meters read (INA3221 hwmon and iio attributes, RAPL powercap zones) with their values at
+What is kept: the files the meters read (INA3221 hwmon and iio attributes, RAPL powercap zones, and Jetson Thor's
+INA238, not read yet) with their values at
 capture time, and the symlinks that lead to them (the driver and class paths are symlinks into /sys/devices), so
 the archive extracted anywhere is a tree MJSD_SYSFS_ROOT can point at. Nothing else of /sys is read. Files the
 user may not read (RAPL energy_uj without root) are left out and listed in the archive's RECORD.json.
@@ -18,8 +19,8 @@ from pathlib import Path
 
 from .base import sysfs_root
 
-TOPS = ("bus/i2c/drivers/ina3221", "bus/i2c/drivers/ina3221x", "class/powercap")
-_FILES = re.compile(r"(in\d+_(label|input|enable)|curr\d+_(input|crit)|name|rail_name_\d+|"
+TOPS = ("bus/i2c/drivers/ina3221", "bus/i2c/drivers/ina3221x", "bus/i2c/drivers/ina238", "class/powercap")
+_FILES = re.compile(r"(in\d+_(label|input|enable)|curr\d+_(input|crit)|power\d+_input|name|label|rail_name_\d+|"
                     r"in_(power|voltage|current)\d+_input|energy_uj|max_energy_range_uj|enabled)$")
 _DIRS = re.compile(r"(hwmon\d*|iio:device\d+|intel-rapl(-mmio)?(:\d+)*)$")
 MANIFEST = "RECORD.json"
