@@ -348,8 +348,14 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     except OSError as e:
         raise _unreadable("manifest", MANIFEST, root, e) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{mpath} is not valid JSON ({e}); the manifest is corrupt, re-export the bundle") from None
-    validate_manifest(manifest, str(mpath))
+        raise BundleError(f"{mpath} is not valid JSON ({e}); the manifest is corrupt, re-export the bundle with "
+                          "`mjsd export`") from None
+    try:
+        validate_manifest(manifest, str(mpath))
+    except BundleError as e:  # every refusal names the fix
+        msg = str(e)
+        raise BundleError(msg if "mjsd export" in msg else f"{msg}; the manifest is corrupt or not mjsd's, re-export "
+                          "the bundle with `mjsd export`") from None
     tok = manifest["tokenizer"]
     for what, names in (("tokenizer", [tok["path"], *tok["files"]]),
                         *((f"{r} model", [manifest["models"][r]["path"], *manifest["models"][r]["files"]])
