@@ -659,6 +659,10 @@ def _list(kind):
 @click.option("--beam-widths", default="4", show_default=True, callback=_list(int), help="For mjsd, mtad, mjgd.")
 @click.option("--gammas", default="4", show_default=True, callback=_list(int))
 @click.option("--taus", default="0.5", show_default=True, callback=_list(float), help="For mjsd, mtad.")
+@click.option("--no-repeat-ngram-size", type=click.IntRange(min=0), default=GenerationConfig.no_repeat_ngram_size,
+              show_default=True, help="Repetition control for every cell (AR included).")
+@click.option("--draft-p-min", type=FINITE, default=GenerationConfig.draft_p_min, show_default=True,
+              help="Adaptive draft length for the mjsd/mtad cells.")
 @click.option("--temperatures", default="0,1", show_default=True, callback=_list(float))
 @click.option("--budgets", default="", callback=_list(float),
               help="Power budgets in watts for sps/mjsd/mtad (extra cells steered by the controller).")
@@ -674,8 +678,9 @@ def _list(kind):
 @click.option("--meter", type=click.Choice(["auto", "jetson", "nvml", "rapl", "estimate", "none"]), default="auto",
               show_default=True)
 @reports_errors
-def profile_cmd(out, resume_dir, force, bundle, prompts_file, limit, algos, beam_widths, gammas, taus, temperatures,
-                budgets, top_k, top_p, max_new_tokens, repeats, warmup, threads, device_profile, meter):
+def profile_cmd(out, resume_dir, force, bundle, prompts_file, limit, algos, beam_widths, gammas, taus,
+                no_repeat_ngram_size, draft_p_min, temperatures, budgets, top_k, top_p, max_new_tokens, repeats, warmup,
+                threads, device_profile, meter):
     """Sweep algorithms x beam width x gamma x tau x temperature (x power budget) over a prompt set; write a run
     directory with results.csv, results.json, summary.md and plots. Interrupted runs continue with --resume."""
     import time
@@ -693,7 +698,8 @@ def profile_cmd(out, resume_dir, force, bundle, prompts_file, limit, algos, beam
         if budgets and meter == "none":
             raise MjsdError("power budgets need energy readings: do not pass --meter none")
         cells = plan_cells(algos, temperatures, gammas, beam_widths, taus, budgets, top_k=top_k, top_p=top_p,
-                           max_new_tokens=max_new_tokens)
+                           max_new_tokens=max_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size,
+                           draft_p_min=draft_p_min)
         prompts = load_prompts(prompts_file, limit)
         out = out or Path("runs") / time.strftime("profile-%Y%m%d-%H%M%S", time.gmtime())
         run = create_run(out, cells, prompts, bundle=bundle, threads=threads,

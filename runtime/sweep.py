@@ -60,8 +60,10 @@ class Cell:
 
 
 def plan_cells(algos, temperatures, gammas=(4,), beam_widths=(4,), taus=(0.5,), budgets=(), *, top_k=10,
-               top_p=0.9, max_new_tokens=64, seed=0) -> list[Cell]:
+               top_p=0.9, max_new_tokens=64, seed=0, no_repeat_ngram_size=GenerationConfig.no_repeat_ngram_size,
+               draft_p_min=GenerationConfig.draft_p_min, tune=False) -> list[Cell]:
     """The grid: each algorithm crossed with the parameters it has; power budgets for the algorithms they steer.
+    Online tuning is off by default: a sweep measures each configuration as given.
 
     AR has none of the draft parameters (one cell per temperature); budgets add cells next to the unbudgeted ones.
     """
@@ -72,7 +74,8 @@ def plan_cells(algos, temperatures, gammas=(4,), beam_widths=(4,), taus=(0.5,), 
                                  (None, *budgets) if algo in TUNABLE else (None,))
         for gamma, width, tau, budget in grid:
             cfg = GenerationConfig(algo=algo, temperature=t, top_k=top_k if t else 0, top_p=top_p if t else 1.0,
-                                   max_new_tokens=max_new_tokens, gamma=gamma, beam_width=width, tau=tau, seed=seed)
+                                   max_new_tokens=max_new_tokens, gamma=gamma, beam_width=width, tau=tau, seed=seed,
+                                   no_repeat_ngram_size=no_repeat_ngram_size, draft_p_min=draft_p_min, tune=tune)
             parts = [algo] + ([f"g={gamma}"] if algo != "ar" else []) + ([f"W={width}"] if algo in BEAMS else []) \
                 + ([f"tau={tau:g}"] if algo in JOINT else []) + [f"T={t:g}"] \
                 + ([f"P<={budget:g}W"] if budget is not None else [])

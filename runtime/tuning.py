@@ -1,4 +1,4 @@
-"""Online tuning without a power budget: adapt beam width and gamma between rounds to maximise tokens/s.
+"""Online tuning without a power budget: adapt gamma between rounds to maximise tokens/s.
 
 The power controller's machinery (runtime/energy/controller.py: EWMA estimates per configuration, dwell, probes of
 neighbours judged by standard errors, backoff, tabu) with the throughput objective and no budget, fed the wall time
@@ -7,8 +7,10 @@ mix and the machine, not on one generation, so the Engine keeps one controller p
 sampling settings, tau, draft_p_min, the run's gamma and width) and every generation of that kind continues where
 the last one left off. Each generation's stats carry the decisions in force during it (`stats.controller`).
 
-The tuner never goes above the run's own gamma (the context check reserved only that lookahead) nor, for mmtad
-(whose lookahead is gamma x width), above its width.
+It tunes gamma only, never above the run's own (the context check reserved only that lookahead). The beam width
+stays the run's: it is a quality knob as much as a speed one (on the built-in bundle, width 1 instead of 2 is faster
+but loses MTAD's perplexity advantage over AR; BENCHMARKS.md), and a tuner that chases tokens/s alone would trade
+it away. A power budget (runtime/engine.py's BudgetTuner) may still narrow the beams to meet the budget.
 """
 from __future__ import annotations
 
@@ -21,20 +23,12 @@ from .config import GenerationConfig
 from .decoding.common import DecodeContext
 from .energy.controller import PowerController
 
-GAMMAS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)  # gamma steps a tuner walks (finer where acceptance changes fastest)
-WIDTHS = (1, 2, 4)
+GAMMAS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24)  # the steps a tuner walks (finer where acceptance changes)
 
 
 def search_space(cfg: GenerationConfig) -> tuple[list[int], list[int]]:
-    """(widths, gammas) a tuner may pick for `cfg`, which are always among them (its starting point)."""
-    gammas = sorted({g for g in GAMMAS if g <= cfg.gamma} | {cfg.gamma})
-    if cfg.algo in ("mjsd", "mtad"):
-        widths = sorted({w for w in WIDTHS if w <= max(cfg.beam_width, 2)} | {cfg.beam_width})
-    elif cfg.algo == "mmtad":
-        widths = sorted({w for w in WIDTHS if w <= cfg.beam_width} | {cfg.beam_width})
-    else:  # sps has no beams: keep the width as given
-        widths = [cfg.beam_width]
-    return widths, gammas
+    """(widths, gammas) a tuner may pick for `cfg`: its own width, gammas up to its own (its starting point)."""
+    return [cfg.beam_width], sorted({g for g in GAMMAS if g <= cfg.gamma} | {cfg.gamma})
 
 
 def controller_key(cfg: GenerationConfig) -> tuple:
@@ -43,7 +37,7 @@ def controller_key(cfg: GenerationConfig) -> tuple:
 
 
 class ThroughputTuner:
-    """The driver's `tune` hook: observes each round's tokens and wall time, applies the controller's (W, gamma)."""
+    """The driver's `tune` hook: observes each round's tokens and wall time, applies the controller's gamma."""
 
     def __init__(self, controller: PowerController, lock: threading.Lock,
                  clock: Callable[[], float] = time.perf_counter):

@@ -16,9 +16,9 @@ from mjsd.runtime.tuning import OnlineTuning, search_space
 
 
 def test_search_space_stays_within_the_run():
-    assert search_space(GenerationConfig(algo="mtad", gamma=8, beam_width=1)) == ([1, 2], [1, 2, 3, 4, 5, 6, 8])
-    assert search_space(GenerationConfig(algo="mtad", gamma=7, beam_width=4)) == ([1, 2, 4], [1, 2, 3, 4, 5, 6, 7])
-    assert search_space(GenerationConfig(algo="mmtad", gamma=3, beam_width=2)) == ([1, 2], [1, 2, 3])
+    assert search_space(GenerationConfig(algo="mtad", gamma=8, beam_width=1)) == ([1], [1, 2, 3, 4, 5, 6, 8])
+    assert search_space(GenerationConfig(algo="mtad", gamma=7, beam_width=4)) == ([4], [1, 2, 3, 4, 5, 6, 7])
+    assert search_space(GenerationConfig(algo="mmtad", gamma=3, beam_width=2)) == ([2], [1, 2, 3])
     assert search_space(GenerationConfig(algo="sps", gamma=5, beam_width=4)) == ([4], [1, 2, 3, 4, 5])
 
 
@@ -31,10 +31,10 @@ class Clock:
 
 
 def test_tuner_climbs_to_the_fastest_configuration():
-    """A synthetic machine where tokens/s peaks at W=1, gamma=6 (noise-free): starting from W=2, gamma=4 the
-    tuner's probes reach it, and every generation's stats carry the decisions in force during it."""
+    """A synthetic machine where tokens/s peaks at gamma=5 (noise-free): starting from W=2, gamma=8 the tuner's
+    probes reach it and keep the width, and every generation's stats carry the decisions in force during it."""
     def tps(width, gamma):
-        return 100.0 - 10 * abs(gamma - 6) - 15 * (width - 1)
+        return 100.0 - 10 * abs(gamma - 5) - 15 * (width - 1)
 
     tuning = OnlineTuning(dwell_rounds=4)
     cfg = GenerationConfig(algo="mtad", gamma=8, beam_width=2)
@@ -50,7 +50,7 @@ def test_tuner_climbs_to_the_fastest_configuration():
             ctx.stats.record_round(g, g - 1)
             tuner(ctx, [0] * 10)
         assert ctx.stats.controller and ctx.stats.controller[0]["round"] <= ctx.stats.controller[-1]["round"]
-    assert (ctx.cfg.beam_width, ctx.cfg.gamma) == (1, 6)
+    assert (ctx.cfg.beam_width, ctx.cfg.gamma) == (2, 5)
     assert len(tuning.controllers) == 1
     reasons = {d.reason for d in next(iter(tuning.controllers.values())).history}
     assert "probe" in reasons and {"probe kept", "best known configuration"} & reasons
