@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -211,10 +212,23 @@ def resolve_inside(root: Path, rel: Any, what: str) -> Path:
     _require(not (rel.startswith(("/", "\\")) or win.is_absolute() or win.drive), crafted("is an absolute path"))
     _require(".." not in PurePosixPath(rel.replace("\\", "/")).parts, crafted("contains '..'"))
     path = root / rel
-    real, real_root = path.resolve(), root.resolve()
+    try:
+        real, real_root = path.resolve(), root.resolve()
+    except (RuntimeError, OSError):  # a symlink loop (RuntimeError before Python 3.13)
+        raise BundleError(crafted("is a symlink loop")) from None
     _require(real == real_root or real.is_relative_to(real_root),
              crafted(f"resolves through a symlink to {real}, outside the bundle"))
     return path
+
+
+def _check_symlinks(root: Path) -> None:
+    """No symlink anywhere in the bundle leads outside it, listed or not: code that reads a fixed name inside a
+    bundle (a chat template beside the tokenizer) cannot be steered outside either."""
+    for folder, dirs, files in os.walk(root):  # a symlinked folder is listed in dirs, not entered
+        for name in [*dirs, *files]:
+            p = Path(folder) / name
+            if p.is_symlink():
+                resolve_inside(root, p.relative_to(root).as_posix(), "bundle")
 
 
 def _check_files(root: Path, files: dict[str, str], what: str, verify: bool) -> None:
@@ -343,6 +357,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     _require((root / MANIFEST).is_file(), f"{root} is not an mjsd bundle: it has no {MANIFEST}. Create one with "
              "`mjsd export`.")
     mpath = resolve_inside(root, MANIFEST, "manifest")
+    _check_symlinks(root)
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except OSError as e:

@@ -169,6 +169,9 @@ LOAD_CASES = [
     ("graph: symlink to an identical outside copy", _symlink_graph_outside, "resolves through a symlink"),
     ("tokenizer/: symlinked directory outside", _symlink_tokenizer_dir_outside, "resolves through a symlink"),
     ("bundle.json: symlink outside", _symlink_manifest_outside, "resolves through a symlink"),
+    ("unlisted file: symlink outside (a chat template)",
+     lambda b, o: (b / "tokenizer" / "chat_template.jinja").symlink_to(o / "secret.bin"), "resolves through a symlink"),
+    ("symlink loop", lambda b, o: (b / "draft" / "loop").symlink_to(b / "draft" / "loop"), "is a symlink loop"),
     ("manifest: unknown dtype bfloat16", _edit(lambda m, b, o: m["models"]["draft"].update(dtype="bfloat16")),
      "is not a KV cache dtype"),
     ("manifest: not JSON", lambda b, o: (b / MANIFEST).write_text("{not json"), "is not valid JSON"),
@@ -234,6 +237,13 @@ def test_manifest_disagreeing_with_the_graph_is_one_line(damaged, case, edit, fi
     line = cli_error(res, 1)
     assert field in line and "re-export" in line
     record(f"bundle: {case}", "BundleError when the session opens, exit 1", line)
+
+
+def test_symlinks_that_stay_inside_are_fine(damaged):
+    bundle, _ = damaged
+    (bundle / "tokenizer" / "alias.json").symlink_to("tokenizer.json")
+    (bundle / "draft-link").symlink_to("draft", target_is_directory=True)
+    assert load_bundle(bundle).draft.num_layers >= 1
 
 
 def test_unreadable_file_is_one_line(damaged):
