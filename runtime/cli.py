@@ -337,13 +337,13 @@ def power_cmd(profile_name, meter, duration, hz, as_json, record_file):
                degraded=sampler.degraded,
                energy_j=end.energy_j - start.energy_j, warnings=sampler.warnings,
                avg_w=(end.energy_j - start.energy_j) / seconds if seconds > 0 else None,
-               peak_w=peak if out["readings"] else None)
+               peak_w=peak if out["readings"] else None, peak_basis=sampler.peak_basis)
     if as_json:
         click.echo(json.dumps(out, indent=2))
     elif out["readings"]:
         source = "ESTIMATED (no sensor: CPU-time model)" if out["estimated"] else f"source {out['source']}"
         click.echo(f"{source}: {out['energy_j']:.2f} J in {seconds:.2f} s, average {out['avg_w']:.2f} W, peak "
-                   f"{out['peak_w']:.2f} W")
+                   f"{out['peak_w']:.2f} W ({out['peak_basis']})")
     for w in sampler.warnings:
         click.echo(f"warning: {w}", err=True)
 
@@ -434,7 +434,8 @@ def format_stats(stats: dict) -> str:
         source = "ESTIMATED (no power sensor: CPU-time model)" if e.get("estimated") else f"source {e['source']}"
         jpt = e.get("j_per_token")
         lines.append(f"energy   {e['energy_j']:.3f} J, {jpt if jpt is None else round(jpt, 4)} J/token, avg "
-                     f"{e['avg_w']:.2f} W, peak {e['peak_w']:.2f} W, {source}")
+                     f"{e['avg_w']:.2f} W, peak {e['peak_w']:.2f} W ({e.get('peak_basis') or 'samples'}), {source}")
+        lines += [f"DEGRADED {why}" for why in e.get("degraded") or []]  # never silent (issue 14)
     if s.get("controller"):
         last = s["controller"][-1]
         lines.append(f"budget   {len(s['controller'])} controller decisions; last: {json.dumps(last)}")

@@ -147,3 +147,16 @@ def test_generate_reports_an_infeasible_power_budget(llama_bundle):
     assert out["stats"]["controller"][-1]["watts"] > 0.5
     r = run(*args[:-1], "500")  # a budget that is met: no warning
     assert r.exit_code == 0 and "infeasible" not in r.stderr
+
+
+def test_generate_stats_flag_a_degraded_total_and_label_the_peak(tmp_path, llama_bundle):
+    fs = fake_sysfs.orin_nano(tmp_path)
+    fs.remove(f"{fake_sysfs.ORIN_NANO_HWMON}/curr1_input")  # VDD_IN unreadable: its branches are a lower bound
+    r = run("generate", "def f(x):", "--bundle", str(llama_bundle), "--algo", "ar", "-n", "4", "--ignore-eos",
+            "--meter", "jetson", "--profile", "orin-nano", "--provider", "cpu", "--stats",
+            env={"MJSD_SYSFS_ROOT": str(tmp_path)})
+    assert r.exit_code == 0, r.output
+    assert "DEGRADED total rail(s) ['VDD_IN'] unreadable" in r.stderr and "lower bound" in r.stderr
+    assert "W (instantaneous samples at 50 Hz), source jetson-ina3221" in r.stderr
+    r = run("power", "--json", "--meter", "jetson", "--duration", "0.1", env={"MJSD_SYSFS_ROOT": str(tmp_path)})
+    assert json.loads(r.stdout)["peak_basis"] == "instantaneous samples at 50 Hz"
