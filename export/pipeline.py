@@ -219,21 +219,26 @@ def _read_sources(given: dict[str, str], max_context: int | None, adjustments: l
 
 
 def _export_model(ck: _Checkpoint, bundle: Path, quantization: str | None, fp16: bool, validate: bool, vocab: int,
-                  steps, tree_attention: bool = False) -> dict[str, Any]:
+                  steps, tree_attention: bool = False, kind: str = "standard") -> dict[str, Any]:
     """Build, transform and validate one model's graph into bundle/<role>/; return its manifest entry.
-    tree_attention: build the graph that takes a 4-D attention bias (tree_graph.py) instead of optimum's, and
-    validate it on a token tree too."""
-    from . import graph, sources, tree_graph
+    kind "fused" (fused_graph.py: GroupQueryAttention, tree-capable) or "standard" (optimum's graph, or with
+    tree_attention the graph that takes a 4-D attention bias, tree_graph.py); tree-capable graphs are validated on a
+    token tree too."""
+    from . import fused_graph, graph, sources, tree_graph
     from .validate import (exact_verification, reference_logits, sample_ids, sample_tree_ids, validate_graph,
                            validation_lengths)
 
-    r = ck.role
+    r, fused = ck.role, kind == "fused"
+    tree_attention = tree_attention or fused
     lengths = validation_lengths(ck.config, ck.max_context)
     ids = sample_ids(vocab, lengths)
     tree_ids = sample_tree_ids(vocab, lengths) if tree_attention else None
-    steps.set_description_str(f"{r}: exporting graph")
+    steps.set_description_str(f"{r}: exporting the {kind} graph")
     work = Path(tempfile.mkdtemp(prefix=f"{r}-raw-", dir=bundle))
-    raw = (tree_graph.build_tree_graph if tree_attention else graph.build_decoder_graph)(ck.path, work)
+    if fused:  # emitted in its final precision: fp16 for CUDA (GroupQueryAttention has no fp32 CUDA kernel)
+        raw = fused_graph.build_fused_graph(ck.path, work, ck.max_context, fp16=fp16)
+    else:
+        raw = (tree_graph.build_tree_graph if tree_attention else graph.build_decoder_graph)(ck.path, work)
     steps.update()
     model_dir = bundle / r
     model_dir.mkdir()
@@ -242,7 +247,7 @@ def _export_model(ck: _Checkpoint, bundle: Path, quantization: str | None, fp16:
     steps.set_description_str(f"{r}: {precision}")
     if quantization:
         graph.quantize(raw, final, quantization)
-    elif fp16:
+    elif fp16 and not fused:
         graph.convert_fp16(raw, final)
     else:
         for p in graph.graph_files(raw):
@@ -275,15 +280,36 @@ def _export_model(ck: _Checkpoint, bundle: Path, quantization: str | None, fp16:
             "max_context": ck.max_context, "dtype": io["dtype"], "inputs": io["inputs"], "outputs": io["outputs"],
             "num_parameters": sources.count_parameters(ck.config), "quantization": quantization, "fp16": fp16,
             "size_bytes": sum(p.stat().st_size for p in files), "source": ck.given, "validation": validation,
-            "tree_attention": tree_attention,
+            "tree_attention": tree_attention, "graph_kind": kind,
             "exact_verification": validation.get("exact_verification") if validation else
             exact_verification(precision, None)}
+
+
+GRAPH_KINDS = ("auto", "fused", "standard")
+
+
+def _graph_kinds(ckpts: dict[str, _Checkpoint], graph_kind: str, adjust) -> dict[str, str]:
+    """The graph kind of each model: "auto" picks fused where the fused builder supports the model."""
+    from .fused_graph import unsupported_reason
+
+    if graph_kind not in GRAPH_KINDS:
+        raise ConfigError(f"graph kind {graph_kind!r} is unknown; use one of {', '.join(GRAPH_KINDS)}")
+    kinds = {}
+    for r, ck in ckpts.items():
+        why = unsupported_reason(ck.config, ck.max_context) if graph_kind != "standard" else None
+        if why and graph_kind == "fused":
+            raise ExportError(f"{r}: the fused graph kind does not support {why}; export with --graph-kind standard "
+                              "(or auto)")
+        if why:
+            adjust(f"{r}: standard graph kind, the fused builder does not support {why}")
+        kinds[r] = "standard" if why or graph_kind == "standard" else "fused"
+    return kinds
 
 
 def export_bundle(target: str | Path, draft: str | Path, out: str | Path, *,
                   quantize: str | dict[str, str | None] | None = None, fp16: bool = False,
                   max_context: int | None = None, validate: bool = True, force: bool = False,
-                  progress: bool = True, tree_attention: bool = False) -> dict[str, Any]:
+                  progress: bool = True, tree_attention: bool = False, graph_kind: str = "auto") -> dict[str, Any]:
     """Export a target and a draft checkpoint (local folders or hub ids) into a bundle at `out`; return its manifest.
 
     quantize: "int8" / "int4" (weight-only, MatMulNBits: exact verification), "int8-dynamic" (activations quantized
@@ -293,6 +319,10 @@ def export_bundle(target: str | Path, draft: str | Path, out: str | Path, *,
     force: replace an existing bundle at `out`. progress: a progress line on stderr.
     tree_attention: export the target as a tree-attention graph (4-D additive bias, explicit positions) for tree
     verification (mmtad, mcsd with mcsd_strategy="tree"); the draft keeps the standard graph.
+    graph_kind: "fused" (ONNX Runtime's fused ops, GroupQueryAttention with an in-place KV buffer and tree input:
+    fastest on CPU and CUDA, Llama-family models), "standard" (standard ONNX ops: every architecture, and TensorRT,
+    which fuses them itself), or "auto" (default: fused where the model is supported, else standard, said and
+    recorded).
     """
     from tqdm import tqdm
 
@@ -320,7 +350,8 @@ def export_bundle(target: str | Path, draft: str | Path, out: str | Path, *,
         steps.set_description_str("checking sources")
         adjustments: list[str] = []
         ckpts, tok, vocab = _read_sources(given, max_context, adjustments)
-        if tree_attention:
+        kinds = _graph_kinds(ckpts, graph_kind, lambda what: _adjust(adjustments, what))
+        if tree_attention and kinds["target"] == "standard":
             from .tree_graph import check_tree_support
 
             check_tree_support(ckpts["target"].config, ckpts["target"].max_context)
@@ -332,7 +363,7 @@ def export_bundle(target: str | Path, draft: str | Path, out: str | Path, *,
             tok_files = {f"tokenizer/{p.name}": sha256_file(p) for p in sorted((tmp / "tokenizer").iterdir())}
             steps.update()
             models = {r: _export_model(ckpts[r], tmp, quant[r], fp16, validate, vocab, steps,
-                                       tree_attention and r == "target") for r in ROLES}
+                                       tree_attention and r == "target", kinds[r]) for r in ROLES}
             manifest = {
                 "format": FORMAT, "format_version": FORMAT_VERSION,
                 "vocab_size": vocab,
@@ -350,7 +381,7 @@ def export_bundle(target: str | Path, draft: str | Path, out: str | Path, *,
                     "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "options": {"quantize": quant, "fp16": fp16, "max_context": max_context, "validate": validate,
                                 "opset": OPSET, "task": TASK,
-                                "tree_attention": tree_attention},
+                                "tree_attention": tree_attention, "graph_kind": graph_kind},
                     "adjustments": adjustments,
                 },
             }

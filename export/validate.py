@@ -14,7 +14,7 @@ Tolerances (`TOLERANCES`), on `rel` = max |logit difference| / max(1, max |PyTor
 - fp16: rel <= 2e-2 and top-1 agreement >= 0.9;
 - an fp16 graph is run on CUDA when onnxruntime has it, else on CPU; where the CPU provider has no fp16 kernel for
   an op, validation is skipped with a warning and the reason is recorded (llama and gpt2 run fine on CPU);
-- int8 / int4 (weight-only, MatMulNBits: activations stay float): rel <= 0.05 / 0.5 and top-1 >= 0.9 / 0.5 against
+- int8 / int4 (weight-only, MatMulNBits: activations stay float): rel <= 0.1 / 0.5 and top-1 >= 0.85 / 0.5 against
   PyTorch (they catch a broken graph; int4 moves random tiny models a lot, quality is measured by perplexity with
   tools/quant_quality.py), and the call-size check as tight as fp32 (1e-4): quantized weights are a different
   model, but one that answers the same whatever the call size;
@@ -42,7 +42,7 @@ REACH = 32  # validate at least this many tokens (+ MARGIN) even without a windo
 MARGIN = 8
 TREE_PARENTS = (-1, 0, 0, 1, -1, 4, 3)  # two roots, siblings, a branch, depth 4: every kind of edge
 TOLERANCES = {"fp32": {"rel": 1e-3, "top1": 1.0}, "fp16": {"rel": 2e-2, "top1": 0.9},
-              "int8": {"rel": 0.05, "top1": 0.9}, "int4": {"rel": 0.5, "top1": 0.5},
+              "int8": {"rel": 0.1, "top1": 0.85}, "int4": {"rel": 0.5, "top1": 0.5},
               "int8-dynamic": {"rel": 0.15, "top1": 0.75}}
 # Logits must not depend on the call size beyond float rounding (fp16: its own rounding) for exact verification.
 EXACT_REL = {"fp16": 1e-2}

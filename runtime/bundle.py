@@ -101,6 +101,11 @@ class ModelSpec:
         """True when the graph takes a 4-D additive attention bias (tree verification)."""
         return bool(self.entry.get("tree_attention", False))
 
+    @property
+    def graph_kind(self) -> str:
+        """"fused" (GroupQueryAttention, shared in-place KV buffer) or "standard" (bundles before graph kinds)."""
+        return self.entry.get("graph_kind", "standard")
+
     def past_names(self) -> list[tuple[str, str]]:
         return [(f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(self.num_layers)]
 

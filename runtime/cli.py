@@ -90,7 +90,7 @@ FINITE = _Finite()
 def _bundle_summary(root, manifest: dict) -> dict:
     """The one-object summary `export --json` prints: where the bundle is and what each model is."""
     keys = ("model_type", "num_layers", "num_kv_heads", "head_dim", "vocab_size", "max_context", "dtype",
-            "quantization", "num_parameters", "size_bytes", "tree_attention", "exact_verification")
+            "quantization", "num_parameters", "size_bytes", "graph_kind", "tree_attention", "exact_verification")
     models = {}
     for role, e in manifest["models"].items():
         models[role] = {k: e.get(k) for k in keys}
@@ -138,6 +138,11 @@ def _describe_bundle(root, manifest: dict, verified: bool) -> str:
                          f"{v['max_abs_diff']:.2g}, top-1 agreement {v['top1_agreement']:.2f}"
                          + (f"; tree of {len(v['tree']['parents'])} nodes {v['tree']['max_abs_diff']:.2g}"
                             if "tree" in v else ""))
+        if e.get("graph_kind") == "fused":
+            lines.append(f"{'':<11} graph kind fused: GroupQueryAttention, KV in a shared in-place buffer, tree "
+                         "attention (CPU; CUDA with --fp16 bundles)")
+        else:
+            lines.append(f"{'':<11} graph kind standard: standard ONNX ops (every execution provider, TensorRT)")
         if e.get("tree_attention"):
             lines.append(f"{'':<11} tree attention: input attention_bias [B,1,S,past+S] (mmtad, mcsd tree strategy)")
         lines.append(f"{'':<11} verification: {_guarantee(e)}")
@@ -166,13 +171,18 @@ def _describe_bundle(root, manifest: dict, verified: bool) -> str:
 @click.option("--max-context", type=click.IntRange(min=1), help="Cap the context length (default: the config's).")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison of each graph with PyTorch.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
-@click.option("--tree-attention", is_flag=True, help="Export the target with a 4-D attention bias input, for "
-              "tree verification (mmtad, mcsd --mcsd-strategy tree).")
+@click.option("--graph-kind", type=click.Choice(["auto", "fused", "standard"]), default="auto", show_default=True,
+              help="fused: ONNX Runtime's fused ops (GroupQueryAttention with rotary inside, fused norms and QKV, a "
+                   "shared in-place KV buffer, tree attention built in; Llama, Mistral, Qwen2: fastest on CPU, and on "
+                   "CUDA with --fp16). standard: standard ONNX ops from optimum (every architecture; TensorRT, which "
+                   "fuses them itself). auto: fused where the model is supported, else standard (said and recorded).")
+@click.option("--tree-attention", is_flag=True, help="Standard kind: export the target with a 4-D attention bias "
+              "input, for tree verification (mmtad, mcsd --mcsd-strategy tree); fused graphs always have it.")
 @click.option("--json", "as_json", is_flag=True, help="Print a one-object JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @reports_errors
 def export_cmd(target, draft, out, quantize, quantize_target, quantize_draft, fp16, max_context, no_validate, force,
-               tree_attention, as_json, quiet):
+               graph_kind, tree_attention, as_json, quiet):
     """Export a target and a draft checkpoint into a validated ONNX bundle."""
     import time
 
@@ -187,7 +197,7 @@ def export_cmd(target, draft, out, quantize, quantize_target, quantize_draft, fp
     t0 = time.perf_counter()
     manifest = export_bundle(target, draft, out, quantize=per_model, fp16=fp16, max_context=max_context,
                              validate=not no_validate, force=force, progress=not quiet,
-                             tree_attention=tree_attention)
+                             tree_attention=tree_attention, graph_kind=graph_kind)
     summary = _bundle_summary(out, manifest)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     if as_json:
@@ -470,14 +480,16 @@ def format_stats(stats: dict) -> str:
 @click.option("--mcsd-replacement/--mcsd-no-replacement", default=False, show_default=True,
               help="MCSD: sample candidates with or without replacement.")
 @click.option("--mcsd-strategy", type=click.Choice(["batch", "tree"]), default="batch", show_default=True,
-              help="MCSD verification: one batch row per path, or one tree-attention sequence (needs a bundle "
-                   "exported with --tree-attention).")
+              help="MCSD verification: one batch row per path, or one tree-attention sequence (needs a "
+                   "tree-capable bundle: the fused kind, or --tree-attention; a fused target always uses the tree).")
 @click.option("--stop", multiple=True, callback=_stops,
               help="Stop after this string (repeatable); escapes like \\n are processed, as in llama.cpp.")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-text token.")
 @click.option("--provider", help="Execution provider preference, comma-separated: tensorrt,cuda,cpu "
               "(default: the profile's, else cpu).")
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads per session (default: ONNX Runtime's).")
+@click.option("--fp16", is_flag=True, help="GPU: TensorRT fp16 engines; a float32 fused bundle runs as its fp16 copy "
+              "(converted once, cached). The built-in bundle does this by itself.")
 @click.option("--profile", help="Device profile (name or .toml path).")
 @click.option("--meter", type=click.Choice(["auto", "jetson", "nvml", "rapl", "estimate", "none"]), default="auto",
               show_default=True, help="Energy meter ('none': no energy accounting).")
@@ -488,7 +500,8 @@ def format_stats(stats: dict) -> str:
 @reports_errors
 def generate_cmd(prompt, prompt_file, bundle, algo, max_new_tokens, temperature, top_k, top_p, seed, gamma,
                  beam_width, tau, draft_p_min, no_repeat_ngram_size, tune, k_config, mcsd_replacement, mcsd_strategy,
-                 stop, ignore_eos, provider, threads, profile, meter, power_budget, objective, show_stats, as_json):
+                 stop, ignore_eos, provider, threads, fp16, profile, meter, power_budget, objective, show_stats,
+                 as_json):
     """Complete PROMPT (an argument, --file, or stdin), streaming the text as it is produced."""
     from .engine import Engine
 
@@ -501,7 +514,7 @@ def generate_cmd(prompt, prompt_file, bundle, algo, max_new_tokens, temperature,
         params["k_config"] = k_config
     engine = Engine.from_bundle(bundle, provider=provider.split(",") if provider else None, threads=threads, profile=profile,
                                 meter=None if meter == "none" else meter, power_budget=power_budget,
-                                objective=objective)
+                                objective=objective, **({"fp16": True} if fp16 else {}))
     stream = engine.stream(text, **params)
     if as_json:
         for _ in stream:

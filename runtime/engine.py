@@ -159,6 +159,8 @@ class Engine:
             raise ConfigError(f"power_budget={power_budget!r} is invalid: give a finite number of watts > 0")
         prof = load_profile(profile) if isinstance(profile, (str, Path)) else profile
         bundle = load_bundle(path if path is not None else builtin_bundle_path(), verify=verify)
+        if path is None:  # the built-in bundle is fused fp32 (CPU); on CUDA it runs as its fp16 copy (fp16.py)
+            session_options.setdefault("fp16", True)
         if provider is None:
             providers = list(prof.providers) if prof is not None else ["cpu"]
         else:

@@ -1,12 +1,18 @@
 """KVCache: the one owner of a model's past key/values.
 
-Per layer a key and a value tensor [batch, kv_heads, length, head_dim]. The exported graphs return
-present = concat(past, new), so the cache grows by the fed tokens on every forward; `crop` rolls back rejected draft
-tokens, `repeat` fans a batch-1 prefix out to n rows (beams, candidate paths), `gather` reorders/picks rows.
+Per layer a key and a value tensor [batch, kv_heads, length, head_dim]. Two layouts, one interface:
+- concat (standard graphs): the graph returns present = concat(past, new), so `update` takes the presents as the new
+  past on every forward; `crop` rolls back rejected draft tokens, `repeat` fans a batch-1 prefix out to n rows
+  (beams, candidate paths), `gather` reorders/picks rows, `keep` keeps tree positions.
+- shared (fused graphs): one preallocated [rows, kv_heads, capacity, head_dim] buffer per tensor, bound as both the
+  past input and the present output, so GroupQueryAttention writes the new entries in place (`advance` counts them).
+  Only `length` says what is live: `crop` is free, and `repeat`/`gather`/`keep` move the live prefix in place. The
+  buffer grows (doubling, up to the model's context) when a forward would not fit.
 
-Tensors are NumPy arrays on the CPU path. On CUDA they are onnxruntime OrtValues left on the device by IO binding;
-every operation is then a Gather (along positions or rows) run by a tiny ORT graph on that device, so the cache
-never goes through host memory. Building that graph needs the `onnx` package (in the gpu extra).
+Tensors are NumPy arrays on the CPU path (bound zero-copy as OrtValues for fused graphs). On CUDA they are
+onnxruntime OrtValues left on the device by IO binding; every operation is then a Gather (along positions or rows)
+run by a tiny ORT graph on that device, so the cache never goes through host memory. Building that graph needs the
+`onnx` package (in the gpu extra).
 """
 from __future__ import annotations
 
@@ -23,20 +29,26 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 
 class KVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_context: int, batch: int = 1,
-                 dtype=np.float32, device: tuple[str, int] | None = None):
+                 dtype=np.float32, device: tuple[str, int] | None = None, shared: bool = False,
+                 capacity: int = 256):
         self.max_context = max_context
         self.dtype = np.dtype(dtype)
         self.device = device  # None: NumPy on the host; ("cuda", id): OrtValues on that device
-        empty = np.zeros((batch, num_kv_heads, 0, head_dim), dtype=dtype)
-        self.keys = [self._place(empty) for _ in range(num_layers)]
-        self.values = [self._place(empty) for _ in range(num_layers)]
+        self.shared = shared
+        self.capacity = min(capacity, max_context) if shared else 0  # positions the shared buffer holds
+        self.rows = batch  # rows the shared buffer holds (>= batch)
+        shape = (batch, num_kv_heads, self.capacity, head_dim)
+        self.keys = [self._place(np.zeros(shape, dtype)) for _ in range(num_layers)]
+        self.values = [self._place(np.zeros(shape, dtype)) for _ in range(num_layers)]
         self.length = 0
         self.batch = batch
+        self._bound: tuple | None = None  # (batch, OrtValues) of the shared buffer's live rows, for IO binding
 
     @classmethod
-    def for_model(cls, spec: ModelSpec, batch: int = 1, device: tuple[str, int] | None = None) -> KVCache:
+    def for_model(cls, spec: ModelSpec, batch: int = 1, device: tuple[str, int] | None = None,
+                  shared: bool = False) -> KVCache:
         return cls(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.max_context, batch,
-                   DTYPES[spec.dtype], device)
+                   DTYPES[spec.dtype], device, shared)
 
     @property
     def num_layers(self) -> int:
@@ -50,11 +62,41 @@ class KVCache:
                 f"only {max(0, self.max_context - self.length)} more fit. Use a shorter prompt or fewer new tokens.")
 
     def update(self, presents: Sequence) -> None:
-        """Take the graph's present.{i}.key/value outputs (k0, v0, k1, v1, ...) as the new past."""
+        """Concat layout: take the graph's present.{i}.key/value outputs (k0, v0, k1, v1, ...) as the new past."""
         self.keys = list(presents[0::2])
         self.values = list(presents[1::2])
         shape = _shape(self.keys[0])
         self.batch, self.length = shape[0], shape[2]
+
+    def reserve(self, extra: int) -> None:
+        """Shared layout: make room for `extra` more positions (before a forward), growing the buffer if needed."""
+        self.check_fits(extra)
+        if self.length + extra > self.capacity:
+            self._resize(self.rows, min(self.max_context, max(2 * self.capacity, self.length + extra)))
+
+    def advance(self, n: int) -> None:
+        """Shared layout: the graph wrote n new positions in place."""
+        self.length += n
+
+    def bound(self, row: int | None = None) -> list:
+        """Shared layout: k0, v0, k1, v1, ... as OrtValues over the live rows (or one row, host only), bound as
+        past and as present."""
+        if row is not None:
+            if self.device is not None:
+                raise ValueError("one row of a device buffer cannot be bound on its own")
+            from onnxruntime import OrtValue
+
+            return [OrtValue.ortvalue_from_numpy(t[row:row + 1]) for pair in zip(self.keys, self.values)
+                    for t in pair]
+        if self._bound is None or self._bound[0] != self.batch:
+            live = [t[: self.batch] if self.rows > self.batch else t for pair in zip(self.keys, self.values)
+                    for t in pair]
+            if self.device is None:
+                from onnxruntime import OrtValue
+
+                live = [OrtValue.ortvalue_from_numpy(t) for t in live]  # zero-copy views of the host buffer
+            self._bound = (self.batch, live)
+        return self._bound[1]
 
     def crop(self, length: int) -> None:
         """Roll back to the first `length` positions (drop rejected draft tokens)."""
@@ -62,7 +104,8 @@ class KVCache:
             raise ValueError(f"cannot crop a cache of length {self.length} to {length}")
         if length == self.length:
             return
-        self._take(2, slice(0, length))  # a view on the host
+        if not self.shared:
+            self._take(2, slice(0, length))  # a view on the host
         self.length = length
 
     def keep(self, positions: Sequence[int] | np.ndarray) -> None:
@@ -92,11 +135,13 @@ class KVCache:
         self.batch = len(rows)
 
     def arrays(self) -> list[np.ndarray]:
-        """k0, v0, k1, v1, ... as host NumPy arrays (tests, debugging)."""
-        return [_host(t) for pair in zip(self.keys, self.values) for t in pair]
+        """k0, v0, k1, v1, ... as host NumPy arrays of the live rows and positions (tests, debugging)."""
+        return [_host(t)[: self.batch, :, : self.length] for pair in zip(self.keys, self.values) for t in pair]
 
     def _take(self, axis: int, idx: slice | np.ndarray) -> None:
         """Select idx along axis (0: rows, 2: positions) of every key and value tensor."""
+        if self.shared:
+            return self._take_in_place(axis, idx)
         tensors, n = self.keys + self.values, len(self.keys)
         if self.device is None:
             key = (slice(None),) * axis + (idx,)
@@ -106,6 +151,38 @@ class KVCache:
                 idx = np.arange(idx.start, idx.stop, dtype=np.int64)
             out = _device_gather(len(tensors), axis, self.dtype.str, self.device)(tensors, idx)
         self.keys, self.values = out[:n], out[n:]
+
+    def _take_in_place(self, axis: int, idx: np.ndarray) -> None:
+        """Shared layout: move the live prefix's selected rows/positions to the front of the buffer."""
+        n_rows = len(idx) if axis == 0 else self.batch
+        if self.device is None:
+            if n_rows > self.rows:
+                self._resize(n_rows, self.capacity)
+            live = slice(0, self.length)
+            for t in self.keys + self.values:
+                if axis == 0:
+                    t[: len(idx), :, live] = t[idx, :, live]
+                else:
+                    t[: self.batch, :, : len(idx)] = t[: self.batch, :, idx]
+        else:  # a device gather into a new buffer (positions padded with the untouched rest): no host round trip
+            if axis == 2:
+                idx = np.concatenate([idx, np.arange(len(idx), self.capacity, dtype=np.int64)])
+            tensors, n = self.keys + self.values, len(self.keys)
+            out = _device_gather(len(tensors), axis, self.dtype.str, self.device)(tensors, idx)
+            self.keys, self.values = out[:n], out[n:]
+            self.rows = n_rows  # device buffers hold exactly the live rows (an OrtValue has no row views)
+        self._bound = None
+
+    def _resize(self, rows: int, capacity: int) -> None:
+        """Shared layout: a bigger buffer holding the live prefix (rare: capacity doubles)."""
+        live = self.arrays()
+        new = []
+        for a in live:
+            t = np.zeros((rows, a.shape[1], capacity, a.shape[3]), self.dtype)
+            t[: a.shape[0], :, : a.shape[2]] = a
+            new.append(self._place(t))
+        self.keys, self.values = new[0::2], new[1::2]
+        self.rows, self.capacity, self._bound = rows, capacity, None
 
     def _place(self, a: np.ndarray):
         if self.device is None:

@@ -10,6 +10,10 @@ stay on the device as OrtValues and are rebound as the next past; only logits co
 
 Tree-attention graphs (manifest `tree_attention`) take a 4-D additive `attention_bias` and explicit positions
 instead of the rank-2 mask; `forward` feeds them a chain, `forward_tree` a token tree (see tree.py).
+
+Fused graphs (manifest `graph_kind: fused`, export/fused_graph.py) take the mask, the positions and the bias, and
+always run with IO binding over the cache's shared buffer (kvcache.py): past and present are the same memory, so
+GroupQueryAttention writes the new KV in place and nothing is concatenated or copied per call.
 """
 from __future__ import annotations
 
@@ -31,18 +35,24 @@ log = logging.getLogger(__name__)
 class ModelSession:
     def __init__(self, spec: ModelSpec, providers=("cpu",), threads: int | None = None, *, max_batch: int = 1,
                  fp16: bool = False, engine_cache_path: str | None = None, device_id: int = 0,
-                 io_binding: bool | None = None):
+                 io_binding: bool | None = None, spinning: bool = False):
         chosen, reasons = select_providers(list(providers), ort.get_available_providers())
         for reason in reasons:
             log.warning("%s model: %s", spec.role, reason)
+        if fp16 and spec.graph_kind == "fused" and spec.dtype == "float32" and chosen[0] != ORT_NAMES["cpu"]:
+            from .fp16 import fp16_spec
+
+            log.warning("%s model: a float32 fused graph on %s runs as its fp16 copy (converted once, cached)",
+                        spec.role, chosen[0])
+            spec = fp16_spec(spec)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3  # ORT's own warnings (e.g. unused initializers) are noise for users
         if threads:
             opts.intra_op_num_threads = threads
-        # target and draft alternate: idle worker threads spinning for one session would steal the cores the other
-        # session (and the NumPy orchestration) needs
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # spinning intra-op threads answer the next call sooner but burn the cores meanwhile: the thread policy
+        # (engine.py) turns it on only where one session runs alone (measured in BENCHMARKS.md)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         provs = [(name, provider_options(name, spec, max_context=spec.max_context, max_batch=max_batch, fp16=fp16,
                                          engine_cache_path=engine_cache_path, device_id=device_id))
                  for name in chosen]
@@ -62,16 +72,19 @@ class ModelSession:
         self._present = [n for pair in spec.present_names() for n in pair]
         self._outputs = ["logits", *self._present]
         self._has_positions = "position_ids" in spec.inputs
+        self.fused = spec.graph_kind == "fused"  # its cache is a shared buffer, bound in place (host or device)
+        if self.fused:
+            check_fused_support(spec, on_gpu)
         self.time_s = 0.0  # accumulated time inside ORT run calls
         self.calls = 0
 
     def new_cache(self, batch: int = 1) -> KVCache:
-        return KVCache.for_model(self.spec, batch, self.device)
+        return KVCache.for_model(self.spec, batch, self.device, shared=self.fused)
 
     def forward(self, tokens, cache: KVCache) -> np.ndarray:
         """Run tokens [B, S] (or [S]) after the cache's past; the cache grows by S. Returns float32 logits [B,S,V]."""
         ids = _rows(tokens)
-        if self.spec.tree_attention:
+        if self.spec.tree_attention and not self.fused:
             return self._run(ids, cache, tree.chain(ids.shape[1]))
         return self._run(ids, cache)
 
@@ -92,6 +105,8 @@ class ModelSession:
         b, s = ids.shape
         if b != cache.batch:
             raise ValueError(f"{b} token rows for a cache of {cache.batch} rows")
+        if self.fused:
+            return self._run_fused(ids, cache, parents)
         cache.check_fits(s)
         past = cache.length
         if parents is None:
@@ -114,6 +129,51 @@ class ModelSession:
         cache.update(presents)
         return logits.astype(np.float32, copy=False)
 
+    def _run_fused(self, ids: np.ndarray, cache: KVCache, parents: np.ndarray | None) -> np.ndarray:
+        """Fused graph: the cache's shared buffer is bound as past and present; the new KV is written in place."""
+        b, s = ids.shape
+        past = cache.length
+        if past == 0 and parents is not None and s > 1 and np.any(parents != tree.chain(s)):
+            # with no past, GroupQueryAttention ignores position_ids and the bias (its first-prompt path): feed the
+            # root first, then the tree below it (node i's parent p becomes p - 1)
+            if np.any(parents[1:] < 0):
+                raise ValueError("a fused graph needs one root first for a tree without a context")
+            first = self._run_fused(ids[:, :1], cache, None)
+            return np.concatenate([first, self._run_fused(ids[:, 1:], cache, parents[1:] - 1)], axis=1)
+        cache.reserve(s)
+        if parents is None:  # a chain: GroupQueryAttention is causal by itself, the bias adds nothing
+            positions = np.arange(past, past + s, dtype=np.int64)[None]
+            bias = np.zeros((1, 1, s, past + s), DTYPES[self.spec.dtype])
+        else:
+            positions = tree.positions(parents, past)[None]
+            bias = tree.attention_bias(parents, past, DTYPES[self.spec.dtype])
+        if b > 1 and s > 1 and past:
+            # GroupQueryAttention refuses several rows of several tokens after a past: one row at a time (MJGD's
+            # enumeration; beams feed one token a step and MCSD verifies as a tree, so decoding never gets here)
+            logits = np.concatenate([self._bind_run(ids[r:r + 1], positions, bias, cache.bound(r))
+                                     for r in range(b)])
+        else:
+            logits = self._bind_run(ids, np.repeat(positions, b, axis=0), bias, cache.bound())
+        cache.advance(s)
+        return logits
+
+    def _bind_run(self, ids: np.ndarray, positions: np.ndarray, bias: np.ndarray, kv: list) -> np.ndarray:
+        b, s = ids.shape
+        binding = self._sess.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", np.ones((b, bias.shape[-1]), dtype=np.int64))
+        binding.bind_cpu_input("position_ids", positions)
+        binding.bind_cpu_input(tree.BIAS, bias)
+        binding.bind_output("logits", "cpu")
+        for past_name, present_name, t in zip(self._past, self._present, kv):
+            binding.bind_ortvalue_input(past_name, t)
+            binding.bind_ortvalue_output(present_name, t)
+        t0 = time.perf_counter()
+        self._sess.run_with_iobinding(binding)
+        self.time_s += time.perf_counter() - t0
+        self.calls += 1
+        return binding.get_outputs()[0].numpy()
+
     def _run_bound(self, feeds: dict, cache: KVCache):
         """GPU branch: past and present stay on the device; only the logits are copied to the host."""
         binding = self._sess.io_binding()
@@ -129,6 +189,23 @@ class ModelSession:
         self.time_s += time.perf_counter() - t0
         outs = binding.get_outputs()
         return outs[0].numpy(), outs[1:]
+
+
+# GroupQueryAttention with position_ids and attention_bias inputs (tree verification) needs this onnxruntime
+MIN_ORT_FUSED = (1, 22)
+
+
+def check_fused_support(spec, on_gpu: bool, version: str = ort.__version__) -> None:
+    """Refuse, at load, a fused graph this onnxruntime or execution provider cannot run right."""
+    have = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
+    if have < MIN_ORT_FUSED:
+        raise BundleError(f"{spec.role} model is a fused graph (GroupQueryAttention with tree inputs), which needs "
+                          f"onnxruntime >= {'.'.join(map(str, MIN_ORT_FUSED))}; this is {version}: upgrade "
+                          "onnxruntime, or re-export with `mjsd export --graph-kind standard`")
+    if on_gpu and spec.dtype == "float32":
+        raise BundleError(f"{spec.role} model is a float32 fused graph, and GroupQueryAttention has no float32 CUDA "
+                          "kernel: pass --fp16 (fp16=True) to run an fp16 copy, re-export with `mjsd export --fp16`, "
+                          "or run it with --provider cpu")
 
 
 def _rows(tokens) -> np.ndarray:

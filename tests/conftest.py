@@ -2,11 +2,14 @@
 
 Bundles (paths to a bundle directory, load with mjsd.runtime.bundle.load_bundle):
 - llama_bundle: Llama target (3 layers, GQA 4 heads / 2 KV heads, head_dim 16 != hidden 48 / 4) and draft (1 layer,
-  hidden 32, head_dim 12), one byte-level BPE tokenizer of 300 ids.
+  hidden 32, head_dim 16), one byte-level BPE tokenizer of 300 ids. Parametrized over the graph kinds: "fused"
+  (GroupQueryAttention, shared in-place KV buffer; the default export) and "standard" (optimum's graph), so every test
+  that uses it holds for both.
 - gpt2_bundle: GPT-2 target (2 layers) and draft (1 layer), same 300-id tokenizer.
 - tiny_vocab_bundle: Llama target (2 layers) and draft (1 layer) over a 12-id word-level tokenizer, for tests that
-  enumerate the vocabulary (distributions, MJGD oracle).
-- llama_tree_bundle, tiny_vocab_tree_bundle: the same checkpoints exported with a tree-attention target graph.
+  enumerate the vocabulary (distributions, MJGD oracle); both graph kinds, like llama_bundle.
+- llama_tree_bundle, tiny_vocab_tree_bundle: the same checkpoints exported with the standard kind's tree-attention
+  target graph (fused graphs take a tree bias anyway).
 Checkpoint folders (for PyTorch references): llama_checkpoints, gpt2_checkpoints, tiny_vocab_checkpoints, each a
 (target_dir, draft_dir) tuple. Torch and the export stage are imported only when one of these fixtures is used.
 """
@@ -36,7 +39,7 @@ def _export(pair, out, **options):
 def llama_checkpoints(tmp_path_factory):
     return _pair(tmp_path_factory.mktemp("llama-ckpt"), "llama", 300,
                  dict(layers=3, hidden=48, heads=4, kv_heads=2, head_dim=16),
-                 dict(layers=1, hidden=32, heads=4, kv_heads=2, head_dim=12))
+                 dict(layers=1, hidden=32, heads=4, kv_heads=2, head_dim=16))
 
 
 @pytest.fixture(scope="session")
@@ -48,12 +51,17 @@ def gpt2_checkpoints(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_vocab_checkpoints(tmp_path_factory):
     return _pair(tmp_path_factory.mktemp("tiny-ckpt"), "llama", TINY_VOCAB,
-                 dict(layers=2, hidden=32, heads=4, kv_heads=2), dict(layers=1, hidden=16, heads=2, kv_heads=1))
+                 dict(layers=2, hidden=32, heads=2, kv_heads=1, head_dim=16),
+                 dict(layers=1, hidden=16, heads=1, kv_heads=1, head_dim=16))
 
 
-@pytest.fixture(scope="session")
-def llama_bundle(llama_checkpoints, tmp_path_factory):
-    return _export(llama_checkpoints, tmp_path_factory.mktemp("llama") / "bundle")
+GRAPH_KINDS = ["fused", "standard"]
+
+
+@pytest.fixture(scope="session", params=GRAPH_KINDS)
+def llama_bundle(request, llama_checkpoints, tmp_path_factory):
+    return _export(llama_checkpoints, tmp_path_factory.mktemp(f"llama-{request.param}") / "bundle",
+                   graph_kind=request.param)
 
 
 @pytest.fixture(scope="session")
@@ -61,16 +69,19 @@ def gpt2_bundle(gpt2_checkpoints, tmp_path_factory):
     return _export(gpt2_checkpoints, tmp_path_factory.mktemp("gpt2") / "bundle")
 
 
-@pytest.fixture(scope="session")
-def tiny_vocab_bundle(tiny_vocab_checkpoints, tmp_path_factory):
-    return _export(tiny_vocab_checkpoints, tmp_path_factory.mktemp("tiny") / "bundle")
+@pytest.fixture(scope="session", params=GRAPH_KINDS)
+def tiny_vocab_bundle(request, tiny_vocab_checkpoints, tmp_path_factory):
+    return _export(tiny_vocab_checkpoints, tmp_path_factory.mktemp(f"tiny-{request.param}") / "bundle",
+                   graph_kind=request.param)
 
 
 @pytest.fixture(scope="session")
 def llama_tree_bundle(llama_checkpoints, tmp_path_factory):
-    return _export(llama_checkpoints, tmp_path_factory.mktemp("llama-tree") / "bundle", tree_attention=True)
+    return _export(llama_checkpoints, tmp_path_factory.mktemp("llama-tree") / "bundle", tree_attention=True,
+                   graph_kind="standard")
 
 
 @pytest.fixture(scope="session")
 def tiny_vocab_tree_bundle(tiny_vocab_checkpoints, tmp_path_factory):
-    return _export(tiny_vocab_checkpoints, tmp_path_factory.mktemp("tiny-tree") / "bundle", tree_attention=True)
+    return _export(tiny_vocab_checkpoints, tmp_path_factory.mktemp("tiny-tree") / "bundle", tree_attention=True,
+                   graph_kind="standard")

@@ -89,7 +89,8 @@ def test_manifest_marks_the_tree_graph(llama_tree_bundle, llama_bundle):
     tree_check = b.manifest["models"]["target"]["validation"]["tree"]
     assert tree_check["max_abs_diff"] < 1e-4 and tree_check["top1_agreement"] == 1.0
     assert b.manifest["provenance"]["options"]["tree_attention"] is True
-    assert not load_bundle(llama_bundle).target.tree_attention
+    plain = load_bundle(llama_bundle).target
+    assert plain.tree_attention == (plain.graph_kind == "fused")  # a fused graph always takes a tree bias
 
 
 def test_every_node_equals_a_causal_forward_over_its_path(llama, llama_bundle):
@@ -257,6 +258,8 @@ def test_mcsd_tree_kv_state_after_every_round_equals_a_fresh_forward(llama, cfg)
 
 def test_tree_algorithms_are_refused_without_a_tree_graph(llama_bundle):
     b = load_bundle(llama_bundle)
+    if b.target.graph_kind == "fused":
+        pytest.skip("a fused graph takes a tree bias: the tree algorithms run on it")
     target, draft = ModelSession(b.target, threads=1), ModelSession(b.draft, threads=1)
     for cfg in (GenerationConfig(algo="mmtad"), GenerationConfig(algo="mcsd", mcsd_strategy="tree")):
         with pytest.raises(ConfigError, match="--tree-attention"):
@@ -284,7 +287,10 @@ def test_cli_generate_with_the_tree_algorithms(llama_tree_bundle, llama_bundle):
     code, out = run(llama_tree_bundle, "--algo", "mmtad", "--beam-width", "2")
     assert code == 0 and json.loads(out)["stats"]["algo"] == "mmtad"
     code, out = run(llama_bundle, "--algo", "mmtad")
-    assert code == 1 and "--tree-attention" in out
+    if load_bundle(llama_bundle).target.graph_kind == "fused":
+        assert code == 0 and json.loads(out)["stats"]["algo"] == "mmtad"
+    else:
+        assert code == 1 and "--tree-attention" in out
 
 
 def test_gpt2_exports_a_tree_graph_too(gpt2_checkpoints, tmp_path):

@@ -62,5 +62,6 @@ def require_tree_attention(ctx: DecodeContext, what: str) -> None:
     """Refuse a tree-verifying algorithm on a target graph without tree attention, naming the fix."""
     if not ctx.target.spec.tree_attention:
         raise ConfigError(f"{what} verifies a token tree in one target call and needs a target graph with tree "
-                          "attention, which this bundle lacks: re-export it with `mjsd export --tree-attention` "
+                          "attention, which this bundle lacks: re-export it with `mjsd export` (the fused kind has it) or "
+                          "`mjsd export --graph-kind standard --tree-attention` "
                           "(export_bundle(..., tree_attention=True))")

@@ -7,11 +7,12 @@ each root-to-leaf path is one row of ONE target call of B x (depth + 1) tokens; 
 winner's row, cropped to the accepted text. Strategy "tree" (needs a tree-attention target graph): every node once,
 in one sequence of one call with the tree bias, so shared prefixes are computed once; afterwards the target cache
 keeps the accepted path's positions. The walk only needs each node's target logits, so the strategies differ in
-`target_levels_*` and the target cache bookkeeping, nothing else.
+`target_levels_*` and the target cache bookkeeping, nothing else. A fused target graph always runs the tree strategy.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from math import prod
 
 import numpy as np
@@ -29,6 +30,10 @@ MAX_PATHS = 256  # batch rows of one target call; more would cost far more than 
 def mcsd(ctx: DecodeContext) -> Iterator[list[int]]:
     # checked when the driver creates the generator, before any round
     cfg = ctx.cfg
+    if cfg.mcsd_strategy == "batch" and ctx.target.fused:
+        # GroupQueryAttention verifies no batch of several tokens after a past; the tree strategy accepts the same
+        # tokens in one row, with shared prefixes computed once
+        ctx.cfg = cfg = replace(cfg, mcsd_strategy="tree")
     if cfg.mcsd_strategy == "tree":
         require_tree_attention(ctx, "mcsd_strategy='tree'")
     elif prod(cfg.k_config) > MAX_PATHS:

@@ -1,0 +1,148 @@
+"""The fused graph kind: its export, its shared in-place KV buffer, and its refusals.
+
+Exactness on this kind (SpS/MCSD == AR at T=0, distributions, tree nodes, KV after every round) is covered by the
+algorithm tests: llama_bundle and tiny_vocab_bundle are parametrized over both graph kinds (conftest.py).
+"""
+import numpy as np
+import onnx
+import pytest
+
+from mjsd.runtime.bundle import load_bundle
+from mjsd.runtime.errors import BundleError, ExportError
+from mjsd.runtime.kvcache import KVCache
+from mjsd.runtime.session import ModelSession, check_fused_support
+
+IDS = [1, 17, 42, 99, 7, 250, 3, 8, 11, 12]
+
+
+@pytest.fixture(scope="module")
+def fused(llama_bundle):
+    b = load_bundle(llama_bundle)
+    if b.target.graph_kind != "fused":
+        pytest.skip("fused-kind test")
+    return b
+
+
+def fresh(session, ids):
+    c = session.new_cache()
+    session.forward(ids, c)
+    return c
+
+
+def assert_same_kv(cache, ref):
+    assert (cache.batch, cache.length) == (ref.batch, ref.length)
+    for got, want in zip(cache.arrays(), ref.arrays()):
+        np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_export_records_and_validates_the_fused_kind(fused, llama_checkpoints, tmp_path):
+    from mjsd.export import export_bundle
+
+    for role in ("target", "draft"):
+        e = fused.manifest["models"][role]
+        assert e["graph_kind"] == "fused" and e["tree_attention"] and e["validation"]["rel"] < 1e-4
+        assert e["validation"]["tree"]["max_abs_diff"] < 1e-4
+        assert {"attention_mask", "position_ids", "attention_bias"} <= set(e["inputs"])
+    std = export_bundle(*llama_checkpoints, tmp_path / "std", progress=False, graph_kind="standard")
+    nodes = {kind: len(onnx.load(str(root / "target/model.onnx"), load_external_data=False).graph.node)
+             for kind, root in (("fused", fused.root), ("standard", tmp_path / "std"))}
+    assert nodes["fused"] * 5 < nodes["standard"], nodes  # 3 layers: ~40 nodes vs ~500
+    assert std["models"]["target"]["graph_kind"] == "standard"
+
+
+def test_unsupported_models_keep_the_standard_kind(gpt2_checkpoints, tmp_path):
+    from mjsd.export import export_bundle
+
+    with pytest.raises(ExportError, match="fused graph kind does not support model type 'gpt2'.*--graph-kind standard"):
+        export_bundle(*gpt2_checkpoints, tmp_path / "f", progress=False, graph_kind="fused", validate=False)
+    assert not (tmp_path / "f").exists()
+    m = export_bundle(*gpt2_checkpoints, tmp_path / "auto", progress=False, validate=False)
+    assert m["models"]["target"]["graph_kind"] == "standard"
+    assert any("standard graph kind" in a for a in m["provenance"]["adjustments"])
+
+
+def test_shared_buffer_rollback_reorder_keep_and_growth(fused):
+    s = ModelSession(fused.target, threads=1)
+    c = KVCache.for_model(fused.target, shared=True)
+    c.capacity = 0  # start empty: every forward below grows the buffer (kept live prefix)
+    c.keys = [k[:, :, :0] for k in c.keys]
+    c.values = [v[:, :, :0] for v in c.values]
+    logits = s.forward(IDS[:6], c)
+    np.testing.assert_allclose(logits, s.forward(IDS[:6], s.new_cache()), atol=1e-4)
+    assert c.capacity >= 6
+    s.forward([200, 201, 202], c)  # a rejected draft...
+    c.crop(6)  # ...rolled back for free
+    s.forward(IDS[6:8], c)
+    assert_same_kv(c, fresh(s, IDS[:8]))
+    c.repeat(3)  # beams: rows of one token a step
+    out = s.forward([[20], [30], [40]], c)
+    for r, t in enumerate((20, 30, 40)):
+        np.testing.assert_allclose(out[r, -1], s.forward(IDS[:8] + [t], s.new_cache())[0, -1], atol=1e-4)
+    c.gather([2, 0])
+    assert_same_kv(c, _rows(s, [IDS[:8] + [40], IDS[:8] + [20]]))
+    c.gather([0])
+    tree = s.forward_tree([5, 6, 7], [-1, 0, 0], c)  # then keep the path 5 -> 7
+    np.testing.assert_allclose(tree[0, 2], s.forward(IDS[:8] + [40, 5, 7], s.new_cache())[0, -1], atol=1e-4)
+    c.keep(list(range(9)) + [9, 11])
+    assert_same_kv(c, fresh(s, IDS[:8] + [40, 5, 7]))
+
+
+def _rows(s, seqs):
+    """A cache holding each sequence in its own row (as beams would)."""
+    c = s.new_cache()
+    s.forward(seqs[0][:1], c)
+    c.repeat(len(seqs))
+    for t in range(1, len(seqs[0])):
+        s.forward([[q[t]] for q in seqs], c)
+    return c
+
+
+def test_device_branch_matches_host(fused):
+    """The device path (OrtValue buffers, gathers by a tiny ORT graph), run with host OrtValues."""
+    host, dev = ModelSession(fused.target, threads=1), ModelSession(fused.target, threads=1, io_binding=True)
+    assert dev.device == ("cpu", 0)
+    a, b = host.new_cache(), dev.new_cache()
+    for s, c in ((host, a), (dev, b)):
+        s.forward(IDS[:6], c)
+        c.crop(4)
+        c.repeat(2)
+        s.forward([[11], [13]], c)
+        c.gather([1])
+        s.forward_tree([5, 6], [-1, -1], c)
+        c.keep([0, 1, 2, 3, 4, 6])
+    assert_same_kv(b, a)
+    assert_same_kv(a, fresh(host, IDS[:4] + [13, 6]))
+
+
+def test_a_tree_without_context_feeds_its_root_first(fused):
+    s = ModelSession(fused.target, threads=1)
+    c = s.new_cache()
+    logits = s.forward_tree([5, 6, 7], [-1, 0, 0], c)[0]
+    np.testing.assert_allclose(logits[2], s.forward([5, 7], s.new_cache())[0, -1], atol=1e-4)
+    with pytest.raises(ValueError, match="one root first"):
+        s.forward_tree([5, 6], [-1, -1], s.new_cache())
+
+
+def test_refused_at_load_where_it_cannot_run(fused):
+    with pytest.raises(BundleError, match="onnxruntime >= 1.22.*--graph-kind standard"):
+        check_fused_support(fused.target, on_gpu=False, version="1.18.1")
+    with pytest.raises(BundleError, match="no float32 CUDA kernel.*--fp16"):
+        check_fused_support(fused.target, on_gpu=True)
+    check_fused_support(fused.target, on_gpu=False)
+
+
+def test_fp16_copy_for_cuda_matches_fp32(fused, tmp_path, monkeypatch):
+    """What a float32 fused bundle runs as on CUDA (fp16=True, the built-in bundle's default): checked on the CPU EP,
+    which has fp16 kernels for these ops."""
+    from mjsd.runtime.fp16 import fp16_spec
+
+    monkeypatch.setenv("MJSD_CACHE_DIR", str(tmp_path))
+    spec = fp16_spec(fused.target)
+    assert spec.dtype == "float16" and spec.path.is_file() and spec.path.is_relative_to(tmp_path)
+    assert fp16_spec(fused.target).path.stat().st_mtime_ns == spec.path.stat().st_mtime_ns  # cached, not redone
+    half, full = ModelSession(spec, threads=1), ModelSession(fused.target, threads=1)
+    a, b = half.new_cache(), full.new_cache()
+    assert a.dtype == np.float16
+    got, want = half.forward(IDS, a), full.forward(IDS, b)
+    assert got.dtype == np.float32 and np.abs(got - want).max() < 2e-2 * max(1.0, np.abs(want).max())
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
