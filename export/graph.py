@@ -105,6 +105,11 @@ def _save(model, path: Path) -> None:
 
 # Weight-only blocks of 32 input channels (onnxruntime-genai's builder default); symmetric like its int4 models.
 BLOCK_SIZE = 32
+# kind -> (bits, MatMulNBits accuracy_level). Measured on this CPU (tools/quant_quality.py): int8 with int8 compute
+# (level 4) is ~2x faster than fp32 and its logits do not depend on the call size; int4 with level 4 does depend on
+# it (max diff ~1e-2 between 5 tokens in one call and 5 one-token calls), so int4 keeps fp32 compute (level 0, also
+# ~2x faster than fp32). The export measures it again on every graph (validate.py) and refuses a non-exact one.
+_NBITS = {"int8": (8, 4), "int4": (4, None)}
 
 
 def quantize(src: Path, dst: Path, kind: str) -> None:
@@ -115,16 +120,25 @@ def quantize(src: Path, dst: Path, kind: str) -> None:
     if kind == "int8-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        with _quiet():
-            quantize_dynamic(src, dst, weight_type=QuantType.QInt8, use_external_data_format=big)
+        try:
+            with _quiet():
+                quantize_dynamic(src, dst, weight_type=QuantType.QInt8, use_external_data_format=big)
+        except Exception as e:
+            raise ExportError(f"onnxruntime's quantize_dynamic could not quantize {src.name} ({reason(e)}); export "
+                              "without --quantize, or with --quantize int8 (weight-only)") from None
         return
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    bits = {"int8": 8, "int4": 4}[kind]
-    with _quiet():
-        q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=BLOCK_SIZE, is_symmetric=True)
-        q.process()
+    bits, accuracy = _NBITS[kind]
+    try:
+        with _quiet():
+            q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=BLOCK_SIZE, is_symmetric=True,
+                                     accuracy_level=accuracy)
+            q.process()
+    except Exception as e:
+        raise ExportError(f"onnxruntime's MatMulNBits quantizer could not quantize {src.name} to {kind} ({reason(e)}); "
+                          "export without --quantize, or try another --quantize value") from None
     _save(q.model.model, dst)
 
 

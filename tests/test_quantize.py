@@ -125,3 +125,16 @@ def test_cli_quantize_choices(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["export", "--target", "t", "--draft", "d", "--out", str(tmp_path / "b"),
                                   "--quantize", "int4", "--quantize-draft", "int8-dynamic"])
     assert "stop here" in r.output and seen["quantize"] == {"target": "int4", "draft": "int8-dynamic"}
+
+
+def test_a_weight_only_graph_that_is_not_exact_is_refused(tmp_path, monkeypatch):
+    """The call-size check can fail: with no slack at all even float rounding counts, and the export stops."""
+    from mjsd.export import export_bundle, validate
+    from mjsd.runtime.errors import ExportError
+
+    monkeypatch.setattr(validate, "EXACT_REL_DEFAULT", -1.0)
+    tok = make_tokenizer(300)
+    t = make_checkpoint(tmp_path / "t", tokenizer=tok, layers=1, hidden=32, heads=4)
+    with pytest.raises(ExportError, match="one call than in 3 one-token calls.*would not be exact"):
+        export_bundle(t, t, tmp_path / "b", quantize="int8", progress=False)
+    assert not (tmp_path / "b").exists()
