@@ -229,7 +229,7 @@ class PowerController:
         self._settling = Welford()  # readings while settling, for the early guard
         self._from_w: float | None = None  # the power of the configuration before the last change
         self.elapsed_s = 0.0
-        self.probe_cost_s = 0.0  # time in probes that were rejected, settling back included
+        self.probe_cost_s = 0.0  # time spent in probes that were rejected
         self._probe_s = 0.0  # time in the running probe
         self.set_budget(budget_w)
         self._record("start")
@@ -238,18 +238,16 @@ class PowerController:
     def from_profile(cls, profile, budget_w: float | None = None, mode: str | None = None,
                      objective: str | None = None, max_width: int | None = None,
                      max_gamma: int | None = None) -> PowerController:
-        """A controller with the profile's defaults; the budget is `budget_w`, or the wattage of the power mode named
-        by `mode` (a mode's wattage is a set of clock caps, not a limit the module keeps to, so no mode is used
-        unasked), else none. max_width /
-        max_gamma drop larger configurations (a run reserves its context for its own gamma and beam width)."""
+        """A controller with the profile's defaults. The budget is `budget_w`, or the wattage of the power mode named
+        by `mode` (a set of clock caps, not a limit the module keeps to, so never taken unasked), else none.
+        max_width / max_gamma drop larger configurations (a run reserves its context for its own gamma and width)."""
         c = profile.controller
         widths = [w for w in c.widths if max_width is None or w <= max_width] or [max_width]
         gammas = [g for g in c.gammas if max_gamma is None or g <= max_gamma] or [max_gamma]
         start = (min(c.start[0], widths[-1]), min(c.start[1], gammas[-1]))  # the profile's start, clamped
         if budget_w is None and mode is not None:
             budget_w = profile.budget_w(mode)
-        return cls(widths, gammas, budget_w,
-                   objective or c.objective, start, c.ewma, c.dwell_rounds, c.settle_s)
+        return cls(widths, gammas, budget_w, objective or c.objective, start, c.ewma, c.dwell_rounds, c.settle_s)
 
     # --- public API -------------------------------------------------------------------------------------------
     def choose(self) -> tuple[int, int]:
@@ -447,8 +445,7 @@ class PowerController:
             if self.rounds - self._tabu.get(cfg, -math.inf) < TABU_DWELLS * self.dwell or known is False:
                 continue
             costlier = cfg[0] > self.current[0] or cfg[1] > self.current[1] and cfg[0] >= self.current[0]
-            if (known is None and costlier and budget is not None
-                    and not headroom):
+            if known is None and costlier and not headroom:
                 continue
             stats = self._scores.get(cfg)
             upper = stats.mean + 2 * math.hypot(stats.se(), self._model_se(cfg, stats.mean)) if stats else math.inf
