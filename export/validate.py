@@ -14,10 +14,11 @@ Tolerances (`TOLERANCES`), on `rel` = max |logit difference| / max(1, max |PyTor
 - fp16: rel <= 2e-2 and top-1 agreement >= 0.9;
 - an fp16 graph is run on CUDA when onnxruntime has it, else on CPU; where the CPU provider has no fp16 kernel for
   an op, validation is skipped with a warning and the reason is recorded (llama and gpt2 run fine on CPU);
-- int8 / int4 (weight-only, MatMulNBits: activations stay float): rel <= 0.1 / 0.5 and top-1 >= 0.85 / 0.5 against
-  PyTorch (they catch a broken graph; int4 moves random tiny models a lot, quality is measured by perplexity with
-  tools/quant_quality.py), and the call-size check as tight as fp32 (1e-4): quantized weights are a different
-  model, but one that answers the same whatever the call size;
+- int8 / int4 (weight-only, MatMulNBits): rel <= 0.1 / 1.0 and top-1 >= 0.85 / 0.25 against PyTorch. These only
+  catch a graph broken outright (garbage logits agree on ~1/vocab of the top-1): 4 bits move random tiny models a
+  lot (top-1 0.4-0.7 vs fp32) while a trained one keeps 0.96 (tools/quant_quality.py, which measures the quality by
+  perplexity). The call-size check is as tight as fp32 (1e-4): quantized weights are a different model, but one
+  that answers the same whatever the call size;
 - int8-dynamic (activations quantized per call): rel <= 0.15 and top-1 >= 0.75; never exact (measured, recorded).
 
 A tree-attention graph gets the same check fed a causal bias, then a tree check: after a prefill of `tree_context`
@@ -42,7 +43,7 @@ REACH = 32  # validate at least this many tokens (+ MARGIN) even without a windo
 MARGIN = 8
 TREE_PARENTS = (-1, 0, 0, 1, -1, 4, 3)  # two roots, siblings, a branch, depth 4: every kind of edge
 TOLERANCES = {"fp32": {"rel": 1e-3, "top1": 1.0}, "fp16": {"rel": 2e-2, "top1": 0.9},
-              "int8": {"rel": 0.1, "top1": 0.85}, "int4": {"rel": 0.5, "top1": 0.5},
+              "int8": {"rel": 0.1, "top1": 0.85}, "int4": {"rel": 1.0, "top1": 0.25},
               "int8-dynamic": {"rel": 0.15, "top1": 0.75}}
 # Logits must not depend on the call size beyond float rounding (fp16: its own rounding) for exact verification.
 EXACT_REL = {"fp16": 1e-2}
@@ -194,7 +195,8 @@ def _compare(ref: np.ndarray, got: np.ndarray, precision: str, role: str, what: 
         raise ExportError(f"{role} graph does not match PyTorch ({precision}, {what}): max |logit diff| "
                           f"{stats['max_abs_diff']:.3g} (relative {stats['rel']:.3g}, tolerance "
                           f"{TOLERANCES[precision]['rel']}), top-1 agreement {stats['top1_agreement']:.2f} (needs "
-                          f">= {TOLERANCES[precision]['top1']}); the export is wrong, no bundle was written")
+                          f">= {TOLERANCES[precision]['top1']}); the export is wrong, no bundle was written: try "
+                          "another graph kind (--graph-kind standard, or without --tree-attention) or precision")
     return stats
 
 

@@ -185,6 +185,11 @@ def test_longrope_context_is_capped_printed_and_recorded(root, tok, draft, capsy
     notes = [a for a in m["provenance"]["adjustments"] if "longrope" in a]
     assert notes and "original_max_position_embeddings=32" in notes[0]
     assert "longrope" in capsys.readouterr().err
+    from click.testing import CliRunner
+    from mjsd.runtime.cli import main
+
+    shown = CliRunner().invoke(main, ["inspect", str(root / "longrope")]).output
+    assert "adjusted    target max_context capped from 128 to 32: longrope" in shown
 
 
 def test_context_cap_is_printed_and_recorded(root, tok, draft, capsys):
