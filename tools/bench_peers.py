@@ -1,7 +1,7 @@
 """mjsd against its peers on the same weights, same machine, same prompts, interleaved: ratios, not absolutes.
 
-    flock /tmp/mjsd-bench.lock python tools/bench_peers.py --checkpoints /tmp/mjsd-train --limit 16 \
-        --out runs/peers.json
+    flock /tmp/mjsd-bench.lock .venv/bin/python tools/bench_peers.py --checkpoints /tmp/mjsd-peers/ckpt \
+        --bundle old=runtime/builtin_bundle --bundle new=/path/to/new/bundle --limit 16 -n 64 --out runs/peers.json
 
 Peers (greedy, batch 1, exactly --max-new-tokens new tokens each, EOS ignored; token ids given, so tokenization
 is outside every timing):
@@ -12,7 +12,15 @@ is outside every timing):
   transformers 5): greedy AR, and draft-model speculative decoding (genai_config model.type "speculative",
   `set_speculative_options(max_draft_tokens=gamma)`, min_adaptive_k 0 = fixed K), models built from the same HF
   checkpoints by its model builder (fp32, CPU); served by tools/peer_ortgenai_worker.py.
-- mjsd: `Engine.generate` (the product API, text streaming included) with ar, sps and mtad.
+- llama.cpp (llama-cpp-python built here from its sdist, its own venv --llamacpp-venv; setup in BENCHMARKS.md), on
+  GGUF f32 files converted from the same checkpoints by the converter in that sdist: AR through llama-cpp-python's
+  `Llama.generate` (token ids in and out), draft-model speculative decoding through llama.cpp's own
+  `llama-speculative-simple` binary (fixed K = gamma; text in and out, so its row is checked by text; its last
+  round may overshoot -n by up to K tokens, so every tokens/s is tokens generated / seconds); served by
+  tools/peer_llamacpp_worker.py. llama.cpp and HF run with 1 or --threads threads, whichever is faster at start-up.
+- mjsd: `Engine.generate` (the product API, text streaming included) with ar, sps and mtad, for every --bundle
+  (several bundles run interleaved in the same process: old vs new graphs as same-run ratios; rows and ratios are
+  named `mjsd[LABEL] ...` then, the first bundle is the reference for "same tokens").
 Every prompt runs every system in turn, `--repeats` passes; wall time of one generation = prefill + decode.
 A weights check compares the mjsd target's logits with the HF checkpoint's, and greedy tokens across systems.
 
@@ -61,24 +69,39 @@ def ensure_venv(venv: Path) -> Path:
     return py
 
 
-class OrtGenAI:
-    def __init__(self, py: Path, checkpoints: Path, cache: Path, threads: int):
-        self.proc = subprocess.Popen([str(py), str(ROOT / "tools" / "peer_ortgenai_worker.py"), "--checkpoints",
-                                      str(checkpoints), "--cache", str(cache), "--threads", str(threads)],
+class Worker:
+    """A peer in its own venv: a worker script speaking JSON lines on stdin/stdout."""
+
+    def __init__(self, name: str, py: Path, script: str, checkpoints: Path, cache: Path, threads: int):
+        self.name = name
+        self.proc = subprocess.Popen([str(py), str(ROOT / "tools" / script), "--checkpoints", str(checkpoints),
+                                      "--cache", str(cache), "--threads", str(threads)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         hello = self.proc.stdout.readline()
         if not hello:
-            raise SystemExit("the onnxruntime-genai worker failed to start (see its error above)")
-        self.version = json.loads(hello)["version"]
+            raise SystemExit(f"the {name} worker failed to start (see its error above)")
+        self.hello = json.loads(hello)
+        self.version = self.hello["version"]
 
-    def generate(self, mode: str, ids: list[int], n: int, k: int) -> dict:
-        self.proc.stdin.write(json.dumps({"mode": mode, "ids": ids, "n": n, "k": k}) + "\n")
+    def generate(self, mode: str, ids: list[int], n: int, k: int, ref: list[int] | None = None) -> dict:
+        self.proc.stdin.write(json.dumps({"mode": mode, "ids": ids, "n": n, "k": k, "ref": ref}) + "\n")
         self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"the {self.name} worker died (see its error above)")
+        return json.loads(line)
 
     def close(self):
         self.proc.stdin.close()
         self.proc.wait(timeout=30)
+
+
+def llamacpp_python(venv: Path) -> Path:
+    py = venv / "bin" / "python"
+    if not py.exists():  # not created on first use: building llama.cpp takes 10+ minutes
+        raise SystemExit(f"no llama.cpp venv at {venv}: set it up as BENCHMARKS.md says ('llama.cpp peer'), "
+                         "or give --skip-llamacpp")
+    return py
 
 
 class HF:
@@ -159,6 +182,8 @@ def graph_cost(path: Path, threads: int, past: int = 128, reps: int = 200) -> di
             feeds[i.name] = np.ones((1, past + 1), np.int64)
         elif i.name == "position_ids":
             feeds[i.name] = np.array([[past]], np.int64)
+        elif i.name == "attention_bias":  # mjsd's tree graph: additive [B, 1, new, total] bias, 0 = attend
+            feeds[i.name] = np.zeros((1, 1, 1, past + 1), np.float32)
         else:  # past_key_values.{i}.key/value [1, kv_heads, past, head_dim]; genai's head_dim is symbolic
             head = i.shape[3] if isinstance(i.shape[3], int) else json.loads(
                 (path.parent / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
@@ -193,11 +218,28 @@ def versions() -> dict:
     return out
 
 
+def parse_bundles(specs: list[str] | None) -> dict[str, Path | None]:
+    """--bundle [LABEL=]PATH, repeatable -> {label: path}; none: the built-in bundle."""
+    if not specs:
+        return {"builtin": None}
+    out = {}
+    for spec in specs:
+        label, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        label = label or Path(path).resolve().name
+        if label in out:
+            raise SystemExit(f"two bundles are labelled {label!r}: give LABEL=PATH")
+        out[label] = Path(path)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoints", type=Path, default=Path("/tmp/mjsd-train"),
-                    help="folder with the HF target/ and draft/ the bundle was exported from")
-    ap.add_argument("--bundle", type=Path, help="mjsd bundle (default: the built-in one)")
+    ap.add_argument("--checkpoints", type=Path, default=Path("/tmp/mjsd-peers/ckpt"),
+                    help="folder with the HF target/ and draft/ of the bundles' weights (tools/bundle_to_hf.py "
+                    "writes them from a bundle)")
+    ap.add_argument("--bundle", action="append", metavar="[LABEL=]PATH",
+                    help="mjsd bundle, repeatable: several run interleaved in one process (default: the built-in "
+                    "one); the claims run on the last")
     ap.add_argument("--prompts", type=Path, help="JSONL or text prompt file (default: the built-in set)")
     ap.add_argument("--limit", type=int, default=16)
     ap.add_argument("-n", "--max-new-tokens", type=int, default=64)
@@ -207,78 +249,113 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ortgenai-venv", type=Path, default=ROOT / ".venv-ortgenai")
-    ap.add_argument("--ortgenai-cache", type=Path, help="onnxruntime-genai models (default: under /tmp, keyed by "
-                    "the checkpoints' files, so retrained weights are rebuilt)")
+    ap.add_argument("--llamacpp-venv", type=Path, default=ROOT / ".venv-llamacpp")
+    ap.add_argument("--peer-cache", "--ortgenai-cache", type=Path, help="peers' converted models (default: under "
+                    "/tmp, keyed by the checkpoints' files, so retrained weights are rebuilt)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-ortgenai", action="store_true")
+    ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--skip-claims", action="store_true")
     ap.add_argument("--claims-limit", type=int, default=32, help="prompts for the claims comparison")
     ap.add_argument("--out", type=Path, help="write all results as JSON here")
     args = ap.parse_args()
     for role in ("target", "draft"):
         if not (args.checkpoints / role / "config.json").is_file():
-            raise SystemExit(f"{args.checkpoints / role} is not a Hugging Face checkpoint (no config.json); give "
-                             "--checkpoints, the folder tools/train_builtin.py wrote (--work)")
+            raise SystemExit(f"{args.checkpoints / role} is not a Hugging Face checkpoint (no config.json); make "
+                             "one with tools/bundle_to_hf.py BUNDLE OUT and give --checkpoints OUT")
 
     n, gamma = args.max_new_tokens, args.gamma
-    engine = Engine.from_bundle(args.bundle, threads=args.threads, meter=None)
+    bundles = parse_bundles(args.bundle)
+    engines = {label: Engine.from_bundle(path, threads=args.threads, meter=None) for label, path in bundles.items()}
+    prefix = {label: "mjsd" if len(engines) == 1 else f"mjsd[{label}]" for label in engines}
+    engine = next(iter(engines.values()))  # the reference: its tokenizer, its AR tokens
     prompts = load_prompts(args.prompts, args.limit)
     ids_list = [engine.encode(p) for p in prompts]
     base = dict(max_new_tokens=n, ignore_eos=True, gamma=gamma, beam_width=args.beam_width, tau=args.tau)
-    systems = {f"mjsd {a}": (lambda ids, a=a: mjsd_run(engine, ids, GenerationConfig(algo=a, **base)))
-               for a in ("ar", "sps", "mtad")}
+    systems = {f"{prefix[label]} {a}": (lambda ids, cur, e=e, a=a: mjsd_run(e, ids, GenerationConfig(algo=a, **base)))
+               for label, e in engines.items() for a in ("ar", "sps", "mtad")}
+    ref_name = f"{prefix[next(iter(engines))]} ar"
     report = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "machine": platform.platform(),
               "cpu_count": os.cpu_count(), "versions": versions(), "threads": args.threads, "prompts": len(prompts),
               "max_new_tokens": n, "gamma": gamma, "beam_width": args.beam_width, "tau": args.tau,
-              "repeats": args.repeats, "bundle": str(engine.bundle.root), "checkpoints": str(args.checkpoints)}
-    hf = ortg = None
-    if not args.skip_hf:
-        hf = HF(args.checkpoints, args.threads)
-        report["weights_max_abs_logit_diff"] = weights_check(engine, hf, ids_list[0])
-        report["hf_torch_threads"] = hf.threads
-        systems["hf ar"] = lambda ids: hf.generate(ids, n, None)
-        systems["hf assisted"] = lambda ids: hf.generate(ids, n, gamma)
-    if not args.skip_ortgenai:
-        py = ensure_venv(args.ortgenai_venv)
-        cache = args.ortgenai_cache or default_cache(args.checkpoints)
-        ortg = OrtGenAI(py, args.checkpoints, cache, args.threads)
-        report["versions"]["onnxruntime-genai"] = ortg.version
-        systems["ortgenai ar"] = lambda ids: ortg.generate("ar", ids, n, gamma)
-        systems["ortgenai spec"] = lambda ids: ortg.generate("spec", ids, n, gamma)
+              "repeats": args.repeats, "bundles": {lb: str(e.bundle.root) for lb, e in engines.items()},
+              "reference": ref_name, "checkpoints": str(args.checkpoints)}
+    cache = args.peer_cache or default_cache(args.checkpoints)
+    hf = None
+    workers = {}
     try:
+        if not args.skip_hf:
+            hf = HF(args.checkpoints, args.threads)
+            report["weights_max_abs_logit_diff"] = {lb: weights_check(e, hf, ids_list[0]) for lb, e in engines.items()}
+            report["hf_torch_threads"] = hf.threads
+            systems["hf ar"] = lambda ids, cur: hf.generate(ids, n, None)
+            systems["hf assisted"] = lambda ids, cur: hf.generate(ids, n, gamma)
+        if not args.skip_ortgenai:
+            w = workers["ortgenai"] = Worker("onnxruntime-genai", ensure_venv(args.ortgenai_venv),
+                                             "peer_ortgenai_worker.py", args.checkpoints, cache, args.threads)
+            report["versions"]["onnxruntime-genai"] = w.version
+            systems["ortgenai ar"] = lambda ids, cur, w=w: w.generate("ar", ids, n, gamma)
+            systems["ortgenai spec"] = lambda ids, cur, w=w: w.generate("spec", ids, n, gamma)
+        if not args.skip_llamacpp:
+            w = workers["llamacpp"] = Worker("llama.cpp", llamacpp_python(args.llamacpp_venv),
+                                             "peer_llamacpp_worker.py", args.checkpoints, cache / "llamacpp",
+                                             args.threads)
+            report["versions"]["llama-cpp-python"] = w.version
+            report["llamacpp_threads"] = w.hello["threads"]
+            systems["llamacpp ar"] = lambda ids, cur, w=w: w.generate("ar", ids, n, gamma)
+            systems["llamacpp spec"] = lambda ids, cur, w=w: w.generate(
+                "spec", ids, n, gamma, ref=cur[ref_name]["tokens"] if ref_name in cur else None)
         for run in systems.values():  # warm-up: first-call allocations, not measured
-            run(ids_list[0][:8])
+            run(ids_list[0][:8], {})
         seconds = {name: [] for name in systems}
-        tokens = {name: [] for name in systems}
+        count = {name: [] for name in systems}
+        same = {name: [] for name in systems}
         extra = {name: [] for name in systems}
         with tqdm(total=len(ids_list) * args.repeats * len(systems), desc="peers", unit="gen") as bar:
             for _ in range(args.repeats):
                 for ids in ids_list:
+                    cur = {}
                     for name, run in systems.items():
-                        r = run(ids)
-                        if len(r["tokens"]) != n:
-                            raise SystemExit(f"{name} generated {len(r['tokens'])} tokens, not {n}")
+                        r = cur[name] = run(ids, cur)
+                        got = len(r["tokens"]) if "tokens" in r else r["n_tokens"]
+                        if got != n and not (got > n and "tokens" not in r):  # llama.cpp spec may overshoot
+                            raise SystemExit(f"{name} generated {got} tokens, not {n}")
                         seconds[name].append(r["seconds"])
-                        tokens[name].append(r["tokens"])
+                        count[name].append(got)
+                        same[name].append(r["tokens"] == cur[ref_name]["tokens"] if "tokens" in r
+                                          else r.get("text_same_as_ref"))
                         extra[name].append(r.get("stats"))
                         bar.update()
     finally:
-        if ortg:
-            ortg.close()
-    report["systems"] = summarise(seconds, tokens, extra, n)
-    if ortg:
-        report["graph_costs"] = {role: {"mjsd (optimum export)": graph_cost(engine.bundle.model(role).path,
-                                                                             args.threads),
-                                        "onnxruntime-genai builder": graph_cost(cache / role / "model.onnx",
-                                                                                args.threads)}
+        for w in workers.values():
+            w.close()
+    report["systems"] = summarise(seconds, count, same, extra)
+    if "ortgenai" in workers:
+        report["graph_costs"] = {role: graph_costs(engines, prefix, role, cache, args.threads)
                                  for role in ("target", "draft")}
-    report["ratios"] = ratios(report["systems"])
+    report["ratios"] = ratios(report["systems"], list(prefix.values()))
     if not args.skip_claims:
-        report["claims"] = claims(engine, args, prompts)
+        report["claims"] = claims(list(bundles.values())[-1], args)
+        report["claims"]["bundle"] = list(bundles)[-1]
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))
     print(markdown(report))
+
+
+def graph_costs(engines: dict, prefix: dict, role: str, cache: Path, threads: int) -> dict:
+    out = {f"{prefix[lb]} ({e.bundle.model(role).graph_kind})": safe_graph_cost(e.bundle.model(role).path, threads)
+           for lb, e in engines.items()}
+    out["onnxruntime-genai builder"] = safe_graph_cost(cache / role / "model.onnx", threads)
+    return out
+
+
+def safe_graph_cost(path: Path, threads: int) -> dict:
+    """graph_cost, or why not (a graph whose inputs it does not know how to feed)."""
+    try:
+        return graph_cost(path, threads)
+    except Exception as e:  # noqa: BLE001 - a side table; the run's results must still be written
+        return {"error": f"{type(e).__name__}: {e}"[:200]}
 
 
 def mjsd_run(engine: Engine, ids: list[int], cfg: GenerationConfig) -> dict:
@@ -292,15 +369,16 @@ def mjsd_run(engine: Engine, ids: list[int], cfg: GenerationConfig) -> dict:
                       "draft_calls": s.draft_calls, "wall_s": s.wall_time_s}}
 
 
-def summarise(seconds: dict, tokens: dict, extra: dict, n: int) -> dict:
-    ref = tokens.get("mjsd ar")
+def summarise(seconds: dict, count: dict, same: dict, extra: dict) -> dict:
+    """Per system: tokens/s = tokens generated / seconds, over all generations."""
     out = {}
     for name, secs in seconds.items():
-        total = sum(secs)
-        s = {"tokens_per_s": n * len(secs) / total, "ms_per_token": 1e3 * total / (n * len(secs)),
-             "median_s": statistics.median(secs)}
-        if ref is not None:
-            s["same_tokens_as_mjsd_ar"] = sum(a == b for a, b in zip(tokens[name], ref)) / len(ref)
+        total, tokens = sum(secs), sum(count[name])
+        s = {"tokens_per_s": tokens / total, "ms_per_token": 1e3 * total / tokens,
+             "median_s": statistics.median(secs), "tokens": tokens}
+        checked = [x for x in same[name] if x is not None]
+        if checked:
+            s["same_tokens_as_reference"] = sum(checked) / len(checked)
         stats = [e for e in extra[name] if e]
         if stats and "rounds" in stats[0] and "accepted" in stats[0]:  # mjsd
             rounds = sum(e["rounds"] for e in stats)
@@ -311,6 +389,9 @@ def summarise(seconds: dict, tokens: dict, extra: dict, n: int) -> dict:
             s["ms_per_target_call"] = 1e3 * sum(e["target_s"] for e in stats) / calls
             dcalls = sum(e["draft_calls"] for e in stats)
             s["ms_per_draft_call"] = 1e3 * sum(e["draft_s"] for e in stats) / dcalls if dcalls else None
+        elif stats and "n_accept" in stats[0]:  # llama-speculative-simple: a round gives accepted + 1 tokens
+            s["mean_accepted_length"] = sum(e["n_predict"] for e in stats) / sum(
+                e["n_predict"] - e["n_accept"] for e in stats)
         elif stats:  # onnxruntime-genai get_speculative_stats()
             rounds = sum(e["rounds"] for e in stats)
             s["mean_accepted_length"] = 1 + sum(e["draft_tokens_accepted"] for e in stats) / rounds
@@ -322,19 +403,26 @@ def summarise(seconds: dict, tokens: dict, extra: dict, n: int) -> dict:
     return out
 
 
-def ratios(systems: dict) -> dict:
-    pairs = [("mjsd sps", "hf assisted"), ("mjsd mtad", "hf assisted"), ("mjsd ar", "hf ar"),
-             ("mjsd ar", "ortgenai ar"), ("mjsd sps", "ortgenai spec"), ("mjsd mtad", "ortgenai spec"),
-             ("mjsd sps", "mjsd ar"), ("mjsd mtad", "mjsd ar"), ("hf assisted", "hf ar"),
-             ("ortgenai spec", "ortgenai ar")]
+def ratios(systems: dict, mjsd: list[str]) -> dict:
+    """tokens/s ratios: each mjsd bundle against the peers and its own AR, later bundles against the first."""
+    pairs = []
+    for p in mjsd:
+        pairs += [(f"{p} sps", "hf assisted"), (f"{p} mtad", "hf assisted"), (f"{p} ar", "hf ar"),
+                  (f"{p} ar", "ortgenai ar"), (f"{p} mtad", "ortgenai ar"), (f"{p} sps", "ortgenai spec"),
+                  (f"{p} mtad", "ortgenai spec"), (f"{p} ar", "llamacpp ar"), (f"{p} mtad", "llamacpp ar"),
+                  (f"{p} sps", "llamacpp spec"), (f"{p} mtad", "llamacpp spec"), (f"{p} sps", f"{p} ar"),
+                  (f"{p} mtad", f"{p} ar")]
+    for p in mjsd[1:]:
+        pairs += [(f"{p} {a}", f"{mjsd[0]} {a}") for a in ("ar", "sps", "mtad")]
+    pairs += [("hf assisted", "hf ar"), ("ortgenai spec", "ortgenai ar"), ("llamacpp spec", "llamacpp ar")]
     return {f"{a} / {b}": systems[a]["tokens_per_s"] / systems[b]["tokens_per_s"]
             for a, b in pairs if a in systems and b in systems}
 
 
-def claims(engine: Engine, args, prompts: list[str]) -> dict:
+def claims(bundle: Path | None, args) -> dict:
     """MTAD vs SpS at T=0 and T=1 (top-k 10, top-p 0.9) with the CPU-time energy estimate."""
     prompts = load_prompts(args.prompts, args.claims_limit)
-    est = Engine.from_bundle(args.bundle, threads=args.threads, meter="estimate")
+    est = Engine.from_bundle(bundle, threads=args.threads, meter="estimate")
     configs = []
     for t in (0.0, 1.0):
         samp = dict(temperature=t, top_k=10 if t else 0, top_p=0.9 if t else 1.0, seed=0)
@@ -360,13 +448,16 @@ def markdown(r: dict) -> str:
              f"{json.dumps(r['versions'])}",
              f"{r['prompts']} prompts x {r['max_new_tokens']} new tokens x {r['repeats']} pass(es), greedy, "
              f"gamma {r['gamma']}, mtad W={r['beam_width']} tau={r['tau']}"]
-    if "weights_max_abs_logit_diff" in r:
-        w = r["weights_max_abs_logit_diff"]
-        lines.append(f"weights check: max |logit diff| mjsd vs HF checkpoint: target {w['target']:.2g}, draft "
-                     f"{w['draft']:.2g}; HF runs with {r['hf_torch_threads']} torch thread(s) "
-                     "(the faster of 1 and --threads here)")
+    lines += [f"bundle {label}: {path}" for label, path in r["bundles"].items()]
+    for label, w in r.get("weights_max_abs_logit_diff", {}).items():
+        lines.append(f"weights check: max |logit diff| mjsd ({label}) vs HF checkpoint: target {w['target']:.2g}, "
+                     f"draft {w['draft']:.2g}")
+    if "hf_torch_threads" in r:
+        lines.append(f"HF runs with {r['hf_torch_threads']} torch thread(s) (the faster of 1 and --threads here)")
+    if "llamacpp_threads" in r:
+        lines.append(f"llama.cpp runs with {r['llamacpp_threads']} thread(s) (the faster of 1 and --threads here)")
     lines += ["", "| system | tokens/s | ms/token | mean accepted length | ms/target call | ms/draft call | "
-              "same tokens as mjsd ar |", "|---|---|---|---|---|---|---|"]
+              f"same tokens as {r['reference']} |", "|---|---|---|---|---|---|---|"]
 
     def f(v, spec):
         return "-" if v is None else format(v, spec)
@@ -374,19 +465,25 @@ def markdown(r: dict) -> str:
     for name, s in r["systems"].items():
         lines.append(f"| {name} | {s['tokens_per_s']:.1f} | {s['ms_per_token']:.2f} | "
                      f"{f(s.get('mean_accepted_length'), '.2f')} | {f(s.get('ms_per_target_call'), '.2f')} | "
-                     f"{f(s.get('ms_per_draft_call'), '.3f')} | {f(s.get('same_tokens_as_mjsd_ar'), '.0%')} |")
+                     f"{f(s.get('ms_per_draft_call'), '.3f')} | {f(s.get('same_tokens_as_reference'), '.0%')} |")
     if "graph_costs" in r:
         lines += ["", "| graph (1 token, past 128, plain onnxruntime) | nodes | fused ops | ms/call |",
                   "|---|---|---|---|"]
         for role, g in r["graph_costs"].items():
             for name, c in g.items():
+                if "error" in c:
+                    lines.append(f"| {role}: {name} | - | - | not measured: {c['error']} |")
+                    continue
                 lines.append(f"| {role}: {name} | {c['nodes']} | {', '.join(c['fused_ops']) or '-'} | "
                              f"{c['ms_per_call']:.3f} |")
+    if "llamacpp spec" in r["systems"]:
+        lines.append("(llamacpp spec runs as text in and out: its 'same tokens' is same text)")
     lines += ["", "| ratio (tokens/s) | value |", "|---|---|"]
     lines += [f"| {k} | {v:.2f}x |" for k, v in r["ratios"].items()]
     if "claims" in r:
         c = r["claims"]
-        lines += ["", f"Claims (MTAD vs SpS; {c['prompts']} prompts, energy ESTIMATED from CPU time):", "",
+        lines += ["", f"Claims (MTAD vs SpS, bundle {c['bundle']}; {c['prompts']} prompts, energy ESTIMATED from "
+                  "CPU time):", "",
                   c["table"], "", "| claim | published | T=0 here | T=1 here |", "|---|---|---|---|"]
         for k, pub in CLAIMS.items():
             fmt = "+.1%" if "perplexity" in k else ".2f"

@@ -1,0 +1,56 @@
+"""tools/bench_peers.py and its llama.cpp worker: the parts that need no peer installed (bundle labels, tokens/s
+over what each system generated, ratios across bundles, the llama-speculative-simple log it reads)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+# stderr of llama-speculative-simple (llama-cpp-python 0.3.36's llama.cpp), built-in bundle, K=4, -n 63
+SPEC_LOG = """\
+0.00.030.753 I cmn          init: llama threadpool init, n_threads = 1
+0.00.265.944 I encoded   93 tokens in    0.032 seconds, speed: 2901.083 t/s
+0.00.265.969 I decoded   68 tokens in    0.182 seconds, speed:  374.233 t/s
+0.00.265.986 I 
+0.00.266.003 I n_draft   = 4
+0.00.266.018 I n_predict = 68
+0.00.266.034 I n_drafted = 68
+0.00.266.048 I n_accept  = 50
+0.00.266.062 I accept    = 73.529%
+"""
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_spec_log_parsed_and_summarised():
+    stats = _load("peer_llamacpp_worker").parse_spec_log(SPEC_LOG)
+    assert stats == {"encode_s": 0.032, "decode_s": 0.182, "n_predict": 68, "n_drafted": 68, "n_accept": 50}
+    bench = _load("bench_peers")
+    s = bench.summarise({"llamacpp spec": [0.214]}, {"llamacpp spec": [68]}, {"llamacpp spec": [True]},
+                        {"llamacpp spec": [stats]})["llamacpp spec"]
+    assert s["tokens_per_s"] == pytest.approx(68 / 0.214)  # the overshoot counts: tokens generated / seconds
+    assert s["mean_accepted_length"] == pytest.approx(68 / 18)  # 18 rounds gave 50 accepted + 18 target tokens
+    assert s["same_tokens_as_reference"] == 1.0
+
+
+def test_bundles_labelled_and_compared():
+    bench = _load("bench_peers")
+    assert bench.parse_bundles(None) == {"builtin": None}
+    assert bench.parse_bundles(["old=/a/b", "/x/new"]) == {"old": Path("/a/b"), "new": Path("/x/new")}
+    with pytest.raises(SystemExit, match="LABEL=PATH"):
+        bench.parse_bundles(["/a/b", "/c/b"])
+    systems = {f"mjsd[{b}] {a}": {"tokens_per_s": t} for b, ts in (("old", (100, 200, 300)), ("new", (150, 260, 450)))
+               for a, t in zip(("ar", "sps", "mtad"), ts)}
+    systems["llamacpp ar"] = {"tokens_per_s": 300}
+    r = bench.ratios(systems, ["mjsd[old]", "mjsd[new]"])
+    assert r["mjsd[new] ar / mjsd[old] ar"] == pytest.approx(1.5)
+    assert r["mjsd[new] mtad / llamacpp ar"] == pytest.approx(1.5)
+    assert "mjsd[old] ar / mjsd[new] ar" not in r and "mjsd[old] ar / ortgenai ar" not in r
