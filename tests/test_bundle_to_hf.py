@@ -5,6 +5,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "bundle_to_hf.py"
 
@@ -16,11 +17,11 @@ def _tool():
     return mod
 
 
-def test_rebuilds_exported_weights(llama_tree_bundle, llama_checkpoints, tmp_path):
+def _rebuild_and_compare(bundle, llama_checkpoints, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    _tool().main([str(llama_tree_bundle), str(tmp_path)])  # also checks HF vs ORT logits <= 1e-4
+    _tool().main([str(bundle), str(tmp_path)])  # also checks HF vs ORT logits <= 1e-4
     for role, src in zip(("target", "draft"), llama_checkpoints):
         want = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).state_dict()
         got = AutoModelForCausalLM.from_pretrained(tmp_path / role, dtype=torch.float32).state_dict()
@@ -28,3 +29,13 @@ def test_rebuilds_exported_weights(llama_tree_bundle, llama_checkpoints, tmp_pat
         for name in want:
             np.testing.assert_array_equal(got[name].numpy(), want[name].numpy(), err_msg=name)
         assert (tmp_path / role / "tokenizer.json").is_file()
+
+
+def test_rebuilds_exported_weights(llama_tree_bundle, llama_checkpoints, tmp_path):
+    _rebuild_and_compare(llama_tree_bundle, llama_checkpoints, tmp_path)  # traced MatMul names, Identity aliases
+
+
+@pytest.mark.parametrize("llama_bundle", ["fused"], indirect=True)
+def test_rebuilds_fused_graph_weights(llama_bundle, llama_checkpoints, tmp_path):
+    """Per-layer names, q/k/v concatenated (GQA with 2 KV heads and head_dim != hidden / heads checks the split)."""
+    _rebuild_and_compare(llama_bundle, llama_checkpoints, tmp_path)

@@ -9,8 +9,9 @@ Matching: an initializer named like a parameter (`model.embed_tokens.weight`, wi
 `onnx::MatMul_*` name, so those are named by tracing the graph: the MatMul node that reads one is named after its
 module (`/model/model/layers.0/self_attn/q_proj/MatMul` -> `model.layers.0.self_attn.q_proj.weight`); identical
 parameters (e.g. untrained all-ones norms) are stored once and aliased by Identity nodes. Every parameter must be
-matched with its exact shape; tied weights must agree. Finally the rebuilt model's logits are compared with ONNX
-Runtime's on a few prompts (fails above 1e-4).
+matched with its exact shape; tied weights must agree. A fused-kind graph (export/fused_graph.py) names its
+initializers per layer instead, with q/k/v concatenated: `fused_weights` maps those back. Finally the rebuilt
+model's logits are compared with ONNX Runtime's on a few prompts (fails above 1e-4).
 
     .venv/bin/python tools/bundle_to_hf.py runtime/builtin_bundle /tmp/builtin-hf
     # -> /tmp/builtin-hf/target, /tmp/builtin-hf/draft (each: config.json, model.safetensors, tokenizer files)
@@ -44,6 +45,33 @@ def onnx_weights(graph) -> dict[str, np.ndarray]:
     return out
 
 
+def fused_weights(graph, config) -> dict[str, np.ndarray]:
+    """Parameter name -> array for a fused-kind graph (export/fused_graph.py): its initializers are named per layer
+    (`layers.{i}.qkv.weight` = [q; k; v]^T, `.o/.gate/.up/.down.weight` transposed, `norm0` = layer 0's input norm,
+    `layers.{i+1}.in_norm` = the next input norm, the last one the final norm)."""
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    heads, layers = config.num_attention_heads, config.num_hidden_layers
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    hd = getattr(config, "head_dim", None) or config.hidden_size // heads
+    split = np.cumsum([heads * hd, kv * hd])
+    out = {"model.embed_tokens.weight": inits["embed_tokens"], "model.layers.0.input_layernorm.weight": inits["norm0"],
+           "lm_head.weight": inits["lm_head.weight"].T if "lm_head.weight" in inits else inits["embed_tokens"]}
+    for i in range(layers):
+        src, dst = f"layers.{i}", f"model.layers.{i}"
+        for name, w in zip("qkv", np.split(inits[f"{src}.qkv.weight"].T, split)):
+            out[f"{dst}.self_attn.{name}_proj.weight"] = w
+        if f"{src}.qkv.bias" in inits:
+            for name, b in zip("qkv", np.split(inits[f"{src}.qkv.bias"], split)):
+                out[f"{dst}.self_attn.{name}_proj.bias"] = b
+        out[f"{dst}.self_attn.o_proj.weight"] = inits[f"{src}.o.weight"].T
+        out[f"{dst}.post_attention_layernorm.weight"] = inits[f"{src}.post_norm"]
+        for name in ("gate", "up", "down"):
+            out[f"{dst}.mlp.{name}_proj.weight"] = inits[f"{src}.{name}.weight"].T
+        norm = "model.norm.weight" if i + 1 == layers else f"model.layers.{i + 1}.input_layernorm.weight"
+        out[norm] = inits[f"layers.{i + 1}.in_norm"]
+    return out
+
+
 def rebuild(model_dir: Path):
     """A transformers model carrying the weights of `model_dir/model.onnx`."""
     import torch
@@ -51,7 +79,12 @@ def rebuild(model_dir: Path):
 
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    found = onnx_weights(onnx.load(model_dir / "model.onnx").graph)
+    graph = onnx.load(model_dir / "model.onnx").graph
+    fused = any(t.name == "layers.0.qkv.weight" for t in graph.initializer)
+    try:
+        found = fused_weights(graph, config) if fused else onnx_weights(graph)
+    except KeyError as e:
+        raise SystemExit(f"{model_dir}: the fused graph has no initializer {e}: not a layout this tool knows") from None
     state = {}
     for name, param in model.state_dict().items():
         hits = [arr for key, arr in found.items() if key == name or key.endswith("." + name)]
