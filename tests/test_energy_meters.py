@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mjsd.runtime.energy import Sampler, SensorError, detect, open_meters, sysfs_root
+from mjsd.runtime.energy import PowerController, Sampler, SensorError, detect, open_meters, sysfs_root
 from mjsd.runtime.energy.estimate import EstimateMeter, estimated_joules
 from mjsd.runtime.energy.base import ChannelDisabled
 from mjsd.runtime.energy.jetson import JetsonMeter, Rail, TotalRule, nvpmodel_mode
@@ -259,3 +259,14 @@ def test_jetson_thor_ina238_is_noted_not_read(tmp_path):
     fs.remove(fake_sysfs.INA)  # an INA238 alone: no meter, and the error says why
     with pytest.raises(SensorError, match="INA238 at 2-0044 not read: Jetson Thor"):
         JetsonMeter.detect(tmp_path)
+
+
+def test_jetson_lag_is_the_ina3221_update_interval(tmp_path):
+    fs = fake_sysfs.orin_nano(tmp_path)
+    assert JetsonMeter.detect(tmp_path).averaging_s == 0.0  # not exposed: no lag assumed
+    fs.write(f"{fake_sysfs.ORIN_NANO_HWMON}/update_interval", 140)  # ms, as the ina3221 hwmon driver reports it
+    meter = JetsonMeter.detect(tmp_path)
+    assert meter.averaging_s == pytest.approx(0.14) and meter.describe()["averaging_s"] == pytest.approx(0.14)
+    ctl = PowerController.from_profile(load_profile("orin-nano"))
+    ctl.expect_lag(meter.averaging_s)  # what the engine does: settle at least as long as the sensor lags
+    assert ctl.settle_s == pytest.approx(0.14)

@@ -88,6 +88,18 @@ def _hwmon_channels(root: Path) -> list[Rail]:
     return rails
 
 
+def update_interval_s(rails: list[Rail]) -> float:
+    """The longest hwmon `update_interval` (ms; the ina3221 driver's conversion time x samples averaged x enabled
+    channels) of the rails' chips: a reading lags the load by about this much. 0 where not exposed (iio layout)."""
+    seconds = []
+    for d in {r.volts_mv.parent for r in rails if r.volts_mv is not None}:
+        try:
+            seconds.append(read_number(d / "update_interval") / 1e3)
+        except SensorError:
+            continue
+    return max(seconds, default=0.0)
+
+
 def _iio_channels(root: Path) -> list[Rail]:
     rails = []
     for label_file in sorted(root.glob("bus/i2c/drivers/ina3221x/*/iio:device*/rail_name_*")):
@@ -210,6 +222,7 @@ class JetsonMeter(Meter):
         if not self.module:
             raise SensorError(f"no INA3221 rails of the module found ({self.rule})")
         self.total, self.total_name, self.degraded = total_rails(self.module, rule, unreadable)
+        self.averaging_s = update_interval_s(self.module)
         self.rails = self.module + self.carrier
         self.name = "jetson-ina3221"
         self.nvpmodel = nvpmodel_query()

@@ -20,7 +20,7 @@ from pathlib import Path
 from .base import sysfs_root
 
 TOPS = ("bus/i2c/drivers/ina3221", "bus/i2c/drivers/ina3221x", "bus/i2c/drivers/ina238", "class/powercap")
-_FILES = re.compile(r"(in\d+_(label|input|enable)|curr\d+_(input|crit)|power\d+_input|name|label|rail_name_\d+|"
+_FILES = re.compile(r"(in\d+_(label|input|enable)|curr\d+_(input|crit)|power\d+_input|update_interval|name|label|rail_name_\d+|"
                     r"in_(power|voltage|current)\d+_input|energy_uj|max_energy_range_uj|enabled)$")
 _DIRS = re.compile(r"(hwmon\d*|iio:device\d+|intel-rapl(-mmio)?(:\d+)*)$")
 MANIFEST = "RECORD.json"
