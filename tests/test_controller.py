@@ -162,6 +162,9 @@ DEVICES = {
 }
 SETTLE = 30.0  # seconds after each budget change before the bars apply: a probe costs ~1 s settling + a dwell
 SEEDS = range(10)
+# The windows bar holds for every seed, except under 30% meter noise and the 0.1-s counter: there a probe over the
+# budget takes seconds to tell from noise, and one seed in ten falls to ~90% (the average over seeds keeps 95%).
+WORST_SEED_WINDOWS = {"noisy": 0.85, "counter": 0.85}
 
 
 def run_device(name, seed, settle_s=1.0):
@@ -175,13 +178,13 @@ def run_device(name, seed, settle_s=1.0):
 
 @pytest.mark.parametrize("name", DEVICES)
 def test_bars_on_lagged_floored_dvfs_noisy_and_stepped_meters(name):
-    """Each device, each budget, over seeds: >= 95% of 1-s windows within budget + 5% (averaged over the seeds; no
-    seed below 85%) and >= 90% of the best static throughput (every seed)."""
+    """Each device, each budget, over seeds: >= 95% of 1-s windows within budget + 5% (every seed; averaged over the
+    seeds where WORST_SEED_WINDOWS says otherwise) and >= 90% of the best static throughput (every seed)."""
     results = [run_device(name, seed) for seed in SEEDS]
     for i, (_, budget) in enumerate(DEVICES[name][2]):
         within = [r[1][i][0] for r in results]
         ratio = [r[1][i][1] for r in results]
-        assert statistics.mean(within) >= 0.95 and min(within) >= 0.85, (name, budget, within)
+        assert statistics.mean(within) >= 0.95 and min(within) >= WORST_SEED_WINDOWS.get(name, 0.95), (name, within)
         assert min(ratio) >= 0.90, (name, budget, ratio)
     for ctl, _ in results:  # probing cost stays bounded
         assert ctl.probe_cost_s <= PROBE_SHARE * ctl.elapsed_s + 10.0

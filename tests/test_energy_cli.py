@@ -160,3 +160,13 @@ def test_generate_stats_flag_a_degraded_total_and_label_the_peak(tmp_path, llama
     assert "W (instantaneous samples at 50 Hz), source jetson-ina3221" in r.stderr
     r = run("power", "--json", "--meter", "jetson", "--duration", "0.1", env={"MJSD_SYSFS_ROOT": str(tmp_path)})
     assert json.loads(r.stdout)["peak_basis"] == "instantaneous samples at 50 Hz"
+
+
+def test_server_usage_carries_an_infeasible_budget(llama_bundle):
+    from mjsd.runtime.engine import Engine
+    from mjsd.runtime.server.protocol import usage
+
+    eng = Engine.from_bundle(llama_bundle, meter="estimate", power_budget=0.5)
+    r = eng.generate("def f(x):", algo="sps", gamma=1, beam_width=1, max_new_tokens=12, ignore_eos=True)
+    last = usage(r.stats)["mjsd"]["controller"]  # what an OpenAI client sees in usage.mjsd
+    assert last["reason"] == "budget infeasible" and last["budget_w"] == 0.5 and last["watts"] > 0.5
