@@ -351,10 +351,6 @@ def export_bundle(target: str | Path, draft: str | Path, out: str | Path, *,
         adjustments: list[str] = []
         ckpts, tok, vocab = _read_sources(given, max_context, adjustments)
         kinds = _graph_kinds(ckpts, graph_kind, lambda what: _adjust(adjustments, what))
-        if tree_attention and kinds["target"] == "standard":
-            from .tree_graph import check_tree_support
-
-            check_tree_support(ckpts["target"].config, ckpts["target"].max_context)
         steps.update()
         tmp = _work_dir(out, "tmp")
         try:

@@ -7,6 +7,11 @@ float [B, 1, S, past+S] (0 = attend, a large negative number = masked) in place 
 transformers >= 4.48 hands a 4-D mask to the attention layers as it is, so a thin torch wrapper suffices; it is
 traced with the TorchScript exporter (dynamo=False, opset 18). Any architecture whose HF model honours a 4-D mask and
 position_ids works; export-time validation (a tree bias included) refuses the rest.
+
+A 4-D mask replaces the model's own, sliding window included, so the wrapper applies the window itself from the
+positions (past keys at 0..past-1, new ones at position_ids): for models that mix full and sliding layers (Gemma 2/3,
+Qwen2 with max_window_layers) it hands transformers one mask per attention type. Validation runs past the window with
+the tree's roots behind it (validate.validation_lengths), so a graph without the window is refused.
 """
 from __future__ import annotations
 
@@ -17,27 +22,28 @@ from mjsd.runtime.tree import BIAS
 
 from .graph import GRAPH, OPSET, _quiet
 from .sources import config_dims, reason
+from .validate import sliding_window
 
 # The architectures tests/test_families.py exports this way; others are tried and left to validation.
 TESTED = ("llama", "qwen2", "qwen3", "phi3", "smollm3", "granite", "olmo2", "stablelm", "gpt2", "gpt_neox", "opt",
           "falcon")
 
 
-def check_tree_support(config, max_context: int) -> None:
-    """Refuse a tree-attention export the graph would get wrong: a 4-D bias replaces the model's own mask, so a
-    sliding window would be ignored once the context outgrows it (the bias carries no window)."""
-    from .validate import sliding_window
+def _windowed(bias, position_ids, past_key, window: int):
+    """The bias with every key more than `window` - 1 positions behind its query masked (transformers' sliding window:
+    a query at q sees keys k with q - k < window). Past keys sit at positions 0..past-1, the new ones at
+    position_ids; positions come from the tensors so the traced graph keeps every length dynamic."""
+    import torch
 
-    window = sliding_window(config)
-    if window is not None and window < max_context:
-        raise ExportError(
-            f"--tree-attention: {config.model_type} attends within a sliding window of {window} tokens, which the "
-            f"tree graph's 4-D attention bias does not apply (it would be wrong past token {window}); export without "
-            f"--tree-attention (the standard graph applies the window; sps, mtad, mcsd batch work), or pass "
-            f"--max-context {window} or less")
+    past_pos = torch.cumsum(torch.ones_like(past_key[:, 0, :, 0], dtype=torch.int64), dim=1) - 1  # [B, past]
+    key_pos = torch.cat([past_pos, position_ids], dim=1)  # [B, past + S]
+    far = (position_ids[:, :, None] - key_pos[:, None, :]) >= window  # [B, S, past + S]
+    return bias.masked_fill(far[:, None], torch.finfo(bias.dtype).min)
 
 
-def _wrapper(model, num_layers: int):
+def _wrapper(model, num_layers: int, window: int | None, per_layer: bool):
+    """window: the sliding window to apply in the bias; per_layer: the model mixes full and sliding layers and takes
+    one mask per attention type (transformers' {"full_attention": ..., "sliding_attention": ...})."""
     import torch
     from transformers import DynamicCache
 
@@ -48,7 +54,11 @@ def _wrapper(model, num_layers: int):
 
         def forward(self, input_ids, position_ids, attention_bias, *past):
             cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(num_layers)])
-            out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_bias,
+            mask = attention_bias
+            if window is not None:
+                sliding = _windowed(attention_bias, position_ids, past[0], window)
+                mask = {"full_attention": attention_bias, "sliding_attention": sliding} if per_layer else sliding
+            out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
                              past_key_values=cache, use_cache=True, return_dict=True)
             presents = [t for i in range(num_layers) for t in (out.past_key_values.layers[i].keys,
                                                                 out.past_key_values.layers[i].values)]
@@ -69,6 +79,9 @@ def build_tree_graph(src: Path, out_dir: Path) -> Path:
         raise ExportError(f"cannot load {src} for the tree-attention export ({reason(e)})") from None
     cfg = model.config
     layers = cfg.num_hidden_layers
+    window = sliding_window(cfg)
+    types = set(getattr(cfg, "layer_types", None) or ())
+    per_layer = window is not None and "full_attention" in types
     dims = config_dims(cfg)
     kv_heads, head_dim = dims["num_kv_heads"], dims["head_dim"]
     past_names = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
@@ -86,7 +99,7 @@ def build_tree_graph(src: Path, out_dir: Path) -> Path:
     path = out_dir / GRAPH
     try:
         with _quiet(), torch.no_grad():
-            torch.onnx.export(_wrapper(model, layers), args, str(path), dynamo=False, opset_version=OPSET,
+            torch.onnx.export(_wrapper(model, layers, window, per_layer), args, str(path), dynamo=False, opset_version=OPSET,
                               input_names=["input_ids", "position_ids", BIAS, *past_names],
                               output_names=["logits", *present_names], dynamic_axes=axes)
     except Exception as e:
