@@ -256,6 +256,7 @@ def test_context_overflow_refused_up_front(llama):
 ])
 def test_driver_refusals(llama, kwargs, match):
     _, target, draft = llama
+    kwargs = dict(kwargs)  # the parameters are shared by every graph kind's run: do not pop from them
     prompt = kwargs.pop("prompt", [1, 2])
     d = kwargs.pop("draft", draft)
     with pytest.raises(ConfigError, match=match):
