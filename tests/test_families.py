@@ -225,3 +225,18 @@ def test_readme_table_matches_the_tests():
         if line.startswith("|") and len(cells) >= 4 and cells[0].startswith("`") and cells[0].endswith("`"):
             rows[cells[0].strip("`")] = (cells[2].split()[0].lower(), cells[3].split()[0].lower())
     assert rows == SUPPORT
+
+
+def test_an_optimum_failure_names_the_architecture_the_step_and_the_way_out(root, tok, monkeypatch):
+    import optimum.exporters.onnx
+
+    from mjsd.export.graph import build_decoder_graph
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::foo' to ONNX opset version 18 is not supported.")
+
+    monkeypatch.setattr(optimum.exporters.onnx, "main_export", fail)
+    with pytest.raises(ExportError, match=r"optimum could not export .* \(qwen3 / Qwen3ForCausalLM\) as "
+                                          r"text-generation-with-past \(RuntimeError: Exporting the operator.*; "
+                                          r"try --tree-attention"):
+        build_decoder_graph(checkpoint(root, tok, "qwen3"), root / "optimum-fails")
