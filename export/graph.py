@@ -113,16 +113,18 @@ _NBITS = {"int8": (8, 4), "int4": (4, None)}
 
 
 def quantize(src: Path, dst: Path, kind: str) -> None:
-    """Quantize the weights of src into dst. int8 / int4: weight-only blockwise (ORT MatMulNBits; activations stay
-    float, so a call's logits do not depend on how many tokens it carries); int8-dynamic: quantize_dynamic (int8
-    weights and per-call activation scales: fast on CPU, but verification is no longer exact)."""
+    """Quantize the weights of src into dst. int8 / int4: blockwise weights (ORT MatMulNBits; int8 compute quantizes
+    activations per token row, so a call's logits do not depend on how many tokens it carries); int8-dynamic:
+    quantize_dynamic (int8 weights, activation scales per call: verification is no longer exact)."""
     big = src.stat().st_size + sum(p.stat().st_size for p in src.parent.glob(src.name + ".data*")) > _PROTO_LIMIT
     if kind == "int8-dynamic":
+        import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         try:
-            with _quiet():
-                quantize_dynamic(src, dst, weight_type=QuantType.QInt8, use_external_data_format=big)
+            with _quiet():  # DefaultTensorType: the fused graph's contrib ops defeat ONNX shape inference
+                quantize_dynamic(src, dst, weight_type=QuantType.QInt8, use_external_data_format=big,
+                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         except Exception as e:
             raise ExportError(f"onnxruntime's quantize_dynamic could not quantize {src.name} ({reason(e)}); export "
                               "without --quantize, or with --quantize int8 (weight-only)") from None

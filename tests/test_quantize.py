@@ -138,3 +138,22 @@ def test_a_weight_only_graph_that_is_not_exact_is_refused(tmp_path, monkeypatch)
     with pytest.raises(ExportError, match="one call than in 3 one-token calls.*would not be exact"):
         export_bundle(t, t, tmp_path / "b", quantize="int8", progress=False)
     assert not (tmp_path / "b").exists()
+
+
+def test_fused_targets_quantize_too(tmp_path):
+    """The fused graph kind (GroupQueryAttention) takes the same quantizations with the same guarantees."""
+    from mjsd.export import export_bundle
+
+    tok = make_tokenizer(300)
+    t = make_checkpoint(tmp_path / "t", tokenizer=tok, layers=2, hidden=32, heads=2, kv_heads=1, head_dim=16)
+    d = make_checkpoint(tmp_path / "d", tokenizer=tok, layers=1, hidden=16, heads=1, head_dim=16, seed=1)
+    for q in ("int8", "int8-dynamic"):
+        e = export_bundle(t, d, tmp_path / q, quantize={"target": q}, progress=False)["models"]["target"]
+        assert e["graph_kind"] == "fused" and e["exact_verification"] is (q == "int8")
+    b = load_bundle(tmp_path / "int8")
+    target, twin = ModelSession(b.target, threads=1), ModelSession(b.target, threads=1)
+    for prompt in PROMPTS:
+        greedy, _ = generate_ids(target, prompt, GenerationConfig(algo="ar", max_new_tokens=16))
+        out, _ = generate_ids(target, prompt, GenerationConfig(algo="sps", gamma=4, max_new_tokens=16),
+                              draft=NoisyDraft(twin, scale=0.5, seed=2))
+        assert out == greedy
