@@ -18,7 +18,8 @@ is outside every timing):
   `llama-speculative-simple` binary (fixed K = gamma; text in and out, so its row is checked by text; its last
   round may overshoot -n by up to K tokens, so every tokens/s is tokens generated / seconds); served by
   tools/peer_llamacpp_worker.py. llama.cpp and HF run with 1 or --threads threads, whichever is faster at start-up.
-- mjsd: `Engine.generate` (the product API, text streaming included) with ar, sps and mtad, for every --bundle
+- mjsd: `Engine.generate` (the product API, text streaming included) with ar, sps and mtad as the peers run theirs
+  (fixed gamma: online tuning off, no n-gram ban, no early draft stop), for every --bundle
   (several bundles run interleaved in the same process: old vs new graphs as same-run ratios; rows and ratios are
   named `mjsd[LABEL] ...` then, the first bundle is the reference for "same tokens").
 Every prompt runs every system in turn, `--repeats` passes; wall time of one generation = prefill + decode.
@@ -51,6 +52,9 @@ from mjsd.runtime.bench import format_table, load_prompts, run_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 ORTGENAI = "onnxruntime-genai==0.18.0"
+# the algorithms as the peers and the papers run them: fixed gamma (no online tuning), no n-gram ban (it changes
+# greedy tokens), no early draft stop
+PLAIN = dict(tune=False, no_repeat_ngram_size=0, draft_p_min=0.0)
 CLAIMS = {"speed-up MTAD vs SpS": 1.42, "energy SpS / MTAD": 1.54, "perplexity MTAD vs SpS": -0.212}
 
 
@@ -271,7 +275,7 @@ def main() -> None:
     engine = next(iter(engines.values()))  # the reference: its tokenizer, its AR tokens
     prompts = load_prompts(args.prompts, args.limit)
     ids_list = [engine.encode(p) for p in prompts]
-    base = dict(max_new_tokens=n, ignore_eos=True, gamma=gamma, beam_width=args.beam_width, tau=args.tau)
+    base = dict(max_new_tokens=n, ignore_eos=True, gamma=gamma, beam_width=args.beam_width, tau=args.tau, **PLAIN)
     systems = {f"{prefix[label]} {a}": (lambda ids, cur, e=e, a=a: mjsd_run(e, ids, GenerationConfig(algo=a, **base)))
                for label, e in engines.items() for a in ("ar", "sps", "mtad")}
     ref_name = f"{prefix[next(iter(engines))]} ar"
@@ -429,7 +433,7 @@ def claims(bundle: Path | None, args) -> dict:
         for a in ("ar", "sps", "mtad"):
             configs.append((f"{a} T={t:g}", GenerationConfig(algo=a, max_new_tokens=args.max_new_tokens,
                                                              gamma=args.gamma, beam_width=args.beam_width,
-                                                             tau=args.tau, **samp)))
+                                                             tau=args.tau, **PLAIN, **samp)))
     with tqdm(total=len(prompts) * len(configs), desc="claims", unit="gen") as bar:
         summaries = run_bench(est, prompts, configs, on_step=bar.update)
     by = {s["name"]: s for s in summaries}
