@@ -32,10 +32,13 @@ from .providers import ORT_NAMES, provider_options, select_providers
 log = logging.getLogger(__name__)
 
 
+SPINNING = ("run", "on", "off")  # intra-op thread spinning policies (ModelSession)
+
+
 class ModelSession:
     def __init__(self, spec: ModelSpec, providers=("cpu",), threads: int | None = None, *, max_batch: int = 1,
                  fp16: bool = False, engine_cache_path: str | None = None, device_id: int = 0,
-                 io_binding: bool | None = None, spinning: bool = False):
+                 io_binding: bool | None = None, spinning: str = "off"):
         chosen, reasons = select_providers(list(providers), ort.get_available_providers())
         for reason in reasons:
             log.warning("%s model: %s", spec.role, reason)
@@ -50,9 +53,13 @@ class ModelSession:
         opts.log_severity_level = 3  # ORT's own warnings (e.g. unused initializers) are noise for users
         if threads:
             opts.intra_op_num_threads = threads
-        # spinning intra-op threads answer the next call sooner but burn the cores meanwhile: the thread policy
-        # (engine.py) turns it on only where one session runs alone (measured in BENCHMARKS.md)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        # intra-op threads that spin wake sooner but burn the cores meanwhile. "off" (the default): never; "run": spin
+        # within a call, stop when it returns (force_spinning_stop), so target and draft calls do not steal each
+        # other's cores; "on": spin between calls too (ORT's default). Measured in BENCHMARKS.md (thread policy).
+        if spinning not in SPINNING:
+            raise ConfigError(f"spinning={spinning!r}: choose one of {', '.join(SPINNING)}")
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if spinning == "off" else "1")
+        opts.add_session_config_entry("session.force_spinning_stop", "1" if spinning == "run" else "0")
         provs = [(name, provider_options(name, spec, max_context=spec.max_context, max_batch=max_batch, fp16=fp16,
                                          engine_cache_path=engine_cache_path, device_id=device_id))
                  for name in chosen]

@@ -8,8 +8,9 @@ Per call, after a past of --past tokens (median ms, calls alternating between th
 beam step), B4T1 (4 beams x 1 token), B1T5 (SpS/MTAD verification of gamma 4), a 5-node tree (MMTAD, MCSD tree),
 and the cache's 4-row gather (beam reorder). The cache is cropped back after each call, so every call sees the same
 past. --generate N: AR/SpS/MTAD generations of 64 tokens on N built-in prompts with each bundle, interleaved prompt by
-prompt (runtime/bench.py run_bench), tokens/s and per-call model time; --spinning 0,1 repeats them with ONNX
-Runtime's intra-op spinning off and on (the thread policy). Wrap in `flock /tmp/mjsd-bench.lock`.
+prompt (runtime/bench.py run_bench), tokens/s and per-call model time; --spinning run,off repeats them with those
+intra-op spinning policies (session.py; "on" spins between calls and slows every other engine in the process, so
+measure it alone). Wrap in `flock /tmp/mjsd-bench.lock`.
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def _context(past: int) -> list[int]:
 
 
 def per_call(paths: dict[str, str], args) -> dict[str, dict[str, float]]:
-    sessions = {k: ModelSession(load_bundle(p).target, threads=args.threads) for k, p in paths.items()}
+    sessions = {k: ModelSession(load_bundle(p).target, threads=args.threads, spinning=args.spinning[0])
+                for k, p in paths.items()}
     results = {}
     for case, (setup, call) in cases(args.past).items():
         caches = {}
@@ -82,8 +84,8 @@ def generate(paths: dict[str, str], args) -> list[dict]:
     engines, configs = {}, []
     for k, p in paths.items():
         for spin in args.spinning:
-            name = f"{k}{' spin' if spin else ''}"
-            engines[name] = Engine.from_bundle(p, threads=args.threads, meter=None, spinning=bool(spin))
+            name = f"{k} spin={spin}"
+            engines[name] = Engine.from_bundle(p, threads=args.threads, meter=None, spinning=spin)
             configs += [(f"{algo} {name}", GenerationConfig(algo=algo, max_new_tokens=64, seed=0, ignore_eos=True))
                         for algo in args.algos]
     summaries = run_bench(next(iter(engines.values())), load_prompts(limit=args.generate), configs,
@@ -102,7 +104,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--generate", type=int, default=0, help="prompts for the end-to-end comparison")
     ap.add_argument("--algos", type=lambda s: s.split(","), default=["ar", "sps", "mtad"])
-    ap.add_argument("--spinning", type=lambda s: [int(x) for x in s.split(",")], default=[0])
+    ap.add_argument("--spinning", type=lambda s: s.split(","), default=["run"],
+                    help="intra-op spinning policies to compare (run, on, off; session.py)")
     args = ap.parse_args()
     paths = {"old": args.old, "new": args.new}
     out = {"past": args.past, "repeats": args.repeats, "threads": args.threads,
