@@ -396,6 +396,7 @@ def summarise(seconds: dict, count: dict, same: dict, extra: dict) -> dict:
         elif stats and "n_accept" in stats[0]:  # llama-speculative-simple: a round gives accepted + 1 tokens
             s["mean_accepted_length"] = sum(e["n_predict"] for e in stats) / sum(
                 e["n_predict"] - e["n_accept"] for e in stats)
+            s["reruns_for_lost_logs"] = sum(e.get("retries", 0) for e in stats)
         elif stats:  # onnxruntime-genai get_speculative_stats()
             rounds = sum(e["rounds"] for e in stats)
             s["mean_accepted_length"] = 1 + sum(e["draft_tokens_accepted"] for e in stats) / rounds

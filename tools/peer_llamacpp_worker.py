@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 VENV = Path(sys.prefix)
+TRIES = 3  # runs of llama-speculative-simple per generation when its summary is lost (parse_spec_log)
 
 
 def llamacpp_src() -> Path:
@@ -142,11 +143,17 @@ class LlamaCpp:
                "-n", str(n - 1), "--spec-type", "draft-simple", "--spec-draft-n-max", str(k), "--spec-draft-n-min", "0",
                "--spec-draft-p-min", "0", "--temp", "0", "--top-k", "1", "--ignore-eos", "-t", t, "-tb", t, "-td", t,
                "-c", "0"]
-        r = subprocess.run(cmd, capture_output=True, timeout=600)
-        err = r.stderr.decode("utf-8", "replace")
-        if r.returncode:
-            raise SystemExit(f"llama-speculative-simple failed ({r.returncode}):\n{err[-2000:]}")
-        stats = parse_spec_log(err)
+        for attempt in range(TRIES):
+            r = subprocess.run(cmd, capture_output=True, timeout=600)
+            err = r.stderr.decode("utf-8", "replace")
+            if r.returncode:
+                raise SystemExit(f"llama-speculative-simple failed ({r.returncode}):\n{err[-2000:]}")
+            stats = parse_spec_log(err)
+            if stats:
+                break
+        else:
+            raise SystemExit(f"llama-speculative-simple printed no summary in {TRIES} runs:\n{err[-2000:]}")
+        stats["retries"] = attempt
         out = {"n_tokens": stats["n_predict"], "seconds": stats["encode_s"] + stats["decode_s"], "stats": stats}
         if ref is not None:  # stdout: "\n\n", the prompt's pieces, the generated pieces (n or a few more), ...
             want = b"\n\n" + self.llm.detokenize(ids, special=True) + self.llm.detokenize(ref[:n], special=True)
@@ -154,17 +161,17 @@ class LlamaCpp:
         return out
 
 
-def parse_spec_log(err: str) -> dict:
-    def num(pattern):
-        m = re.search(pattern, err)
-        if not m:
-            raise SystemExit(f"llama-speculative-simple printed no '{pattern}':\n{err[-2000:]}")
-        return float(m.group(1))
-
-    return {"encode_s": num(r"encoded\s+\d+ tokens in\s+([\d.]+) seconds"),
-            "decode_s": num(r"decoded\s+\d+ tokens in\s+([\d.]+) seconds"),
-            "n_predict": int(num(r"n_predict = (\d+)")), "n_drafted": int(num(r"n_drafted = (\d+)")),
-            "n_accept": int(num(r"n_accept\s+= (\d+)"))}
+def parse_spec_log(err: str) -> dict | None:
+    """Its summary lines, or None when they are missing: llama.cpp's logger writes from a thread that the process
+    does not wait for at exit (ggml-org/llama.cpp#22142), so on a busy machine a run's last lines can be lost. They
+    come last in one queue with the generated text, so a run whose summary is there printed everything."""
+    found = {key: re.search(pattern, err) for key, pattern in (
+        ("encode_s", r"encoded\s+\d+ tokens in\s+([\d.]+) seconds"),
+        ("decode_s", r"decoded\s+\d+ tokens in\s+([\d.]+) seconds"), ("n_predict", r"n_predict = (\d+)"),
+        ("n_drafted", r"n_drafted = (\d+)"), ("n_accept", r"n_accept\s+= (\d+)"))}
+    if not all(found.values()):
+        return None
+    return {key: (float if key.endswith("_s") else int)(m.group(1)) for key, m in found.items()}
 
 
 def main() -> None:
