@@ -361,3 +361,30 @@ def test_full_queue_gets_429_and_slow_requests_504(llama_bundle):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_a_busy_port_is_one_clear_error(llama_bundle):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        res = CliRunner().invoke(main, ["serve", "--bundle", str(llama_bundle), "--port", str(s.getsockname()[1]),
+                                        "--meter", "none"])
+    assert res.exit_code == 1 and "cannot listen on 127.0.0.1" in res.output and "--port" in res.output
+
+
+def test_the_load_test_tool_runs_against_a_server(builtin_server, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("loadtest", Path(__file__).parents[1] / "tools" / "loadtest.py")
+    loadtest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loadtest)
+    out = tmp_path / "load.json"
+    assert loadtest.main(["--url", builtin_server.url, "--server-pid", str(builtin_server.proc.pid), "--requests",
+                          "24", "--concurrency", "4", "--max-tokens", "4", "--prompts", "4", "--extra",
+                          json.dumps(NO_TUNE), "--json", str(out)]) == 0
+    s = json.loads(out.read_text())
+    assert s["completed"] == 24 and s["server_counted_200"] == 24 and s["mismatched"] == 0
+    assert s["latency_ms"]["p50"] > 0 and s["rss_mib"]["after"] > 0
+    assert "| latency p50 / p95 / p99 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="loopback"):
+        loadtest.main(["--url", "http://example.com:8080"])

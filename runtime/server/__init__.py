@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 
+from ..errors import MjsdError
 from .app import Settings, create_app, default_model_id
 
 __all__ = ["Settings", "create_app", "default_model_id", "serve"]
@@ -36,11 +38,18 @@ def serve(engine, host: str = "127.0.0.1", port: int = 8080, settings: Settings 
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=settings.grace_s, lifespan="on")
+    try:  # bound here, so a busy port is one clear line, not uvicorn's exit code 3
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as e:
+        raise MjsdError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick a free --port or another --host") \
+            from None
     # uvicorn re-raises the signal it stopped on once it is done; a SIGTERM that ended a graceful shutdown is a
     # clean exit (0), not death by signal (143).
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_cleanly)
-    Server(config).run()
+    url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
+    logging.getLogger("mjsd.serve").info("listening on %s (OpenAI base_url %s/v1)", url, url)
+    Server(config).run(sockets=[sock])
 
 
 def _exit_cleanly(sig, frame) -> None:
