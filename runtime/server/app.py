@@ -64,10 +64,11 @@ def create_app(engine, settings: Settings = Settings()) -> FastAPI:
         log.info("serving model %s (bundle %s) to %d generations at once", model, engine.bundle.root,
                  settings.max_queue)
         yield
-        left = await asyncio.to_thread(runner.close, STOP_TIMEOUT_S)
+        jobs = runner.stop()  # what the grace period left running
+        left = await asyncio.to_thread(runner.wait, jobs, STOP_TIMEOUT_S)
         metrics.close()
-        log.info("stopped%s", f"; {left} generation(s) had not stopped {STOP_TIMEOUT_S:g} s after being cancelled"
-                 if left else "")
+        log.info("stopped; %d generation(s) cancelled at shutdown%s", len(jobs),
+                 f", {left} of them still running {STOP_TIMEOUT_S:g} s later" if left else "")
 
     app = FastAPI(title="mjsd", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.runner = runner  # serve() marks it draining on SIGTERM

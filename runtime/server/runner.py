@@ -68,12 +68,16 @@ class Runner:
         future.add_done_callback(lambda _: _call_soon(loop, self.jobs.discard, job))
         return job
 
-    def close(self, timeout: float) -> int:
-        """Cancel every generation and wait (at most `timeout` s) for the workers; returns how many were left."""
+    def stop(self) -> list[Job]:
+        """Admit nothing more and cancel every generation (on the event loop thread); returns them."""
         self.draining = True
         jobs = list(self.jobs)
         for job in jobs:
             job.cancel()
+        return jobs
+
+    def wait(self, jobs: list[Job], timeout: float) -> int:
+        """Wait at most `timeout` s for the stopped generations' workers (blocks); returns how many are left."""
         deadline = time.monotonic() + timeout
         for job in jobs:
             job.finished.wait(max(0.0, deadline - time.monotonic()))
