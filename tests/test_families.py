@@ -19,6 +19,9 @@ from tests.families import FAMILIES, WINDOW, make_family_checkpoint
 from tests.helpers import make_checkpoint, make_tokenizer
 from tests.test_ar_sps import NoisyDraft
 
+# exactness tests compare with the raw model: no repetition control (mcsd, mmtad and PyTorch do not apply it)
+RAW = dict(no_repeat_ngram_size=0)
+
 torch = pytest.importorskip("torch")
 
 # family -> (standard graph, --tree-attention): what README's table says and these tests prove.
@@ -116,14 +119,14 @@ def test_standard_graph(name, root, tok, draft):
     target, twin, d = (ModelSession(b.target, threads=1), ModelSession(b.target, threads=1),
                        ModelSession(b.draft, threads=1))
     prompt = _prompt(b.target.max_context)
-    greedy, _ = generate_ids(target, prompt, GenerationConfig(algo="ar", max_new_tokens=NEW))
+    greedy, _ = generate_ids(target, prompt, GenerationConfig(**RAW, algo="ar", max_new_tokens=NEW))
     assert greedy == _pytorch_greedy(ckpt, prompt, NEW)
-    sps, _ = generate_ids(target, prompt, GenerationConfig(algo="sps", gamma=4, max_new_tokens=NEW),
+    sps, _ = generate_ids(target, prompt, GenerationConfig(**RAW, algo="sps", gamma=4, max_new_tokens=NEW),
                           draft=NoisyDraft(twin, scale=0.5, seed=2))
     assert sps == greedy
-    sps, _ = generate_ids(target, prompt, GenerationConfig(algo="sps", gamma=3, max_new_tokens=NEW), draft=d)
+    sps, _ = generate_ids(target, prompt, GenerationConfig(**RAW, algo="sps", gamma=3, max_new_tokens=NEW), draft=d)
     assert sps == greedy
-    mtad, stats = generate_ids(target, prompt, GenerationConfig(algo="mtad", max_new_tokens=NEW), draft=d)
+    mtad, stats = generate_ids(target, prompt, GenerationConfig(**RAW, algo="mtad", gamma=4, max_new_tokens=NEW), draft=d)
     assert len(mtad) == NEW and all(0 <= t < 300 for t in mtad)
 
 
@@ -141,7 +144,7 @@ def test_tree_graph(name, root, tok, draft):
     b = load_bundle(root / f"{name}-tree")
     target, d = ModelSession(b.target, threads=1), ModelSession(b.draft, threads=1)
     prompt = _prompt(b.target.max_context)
-    greedy, _ = generate_ids(target, prompt, GenerationConfig(algo="ar", max_new_tokens=NEW))
+    greedy, _ = generate_ids(target, prompt, GenerationConfig(**RAW, algo="ar", max_new_tokens=NEW))
     assert greedy == _pytorch_greedy(ckpt, prompt, NEW)
     tree, _ = generate_ids(target, prompt, GenerationConfig(algo="mcsd", mcsd_strategy="tree", max_new_tokens=NEW),
                            draft=NoisyDraft(ModelSession(b.target, threads=1), scale=0.5, seed=2))
@@ -176,7 +179,7 @@ def test_a_small_window_in_the_tree_graph(root, tok, draft):
     b = load_bundle(root / "w6")
     target = ModelSession(b.target, threads=1)
     prompt = _prompt(b.target.max_context)
-    greedy, _ = generate_ids(target, prompt, GenerationConfig(algo="ar", max_new_tokens=NEW))
+    greedy, _ = generate_ids(target, prompt, GenerationConfig(**RAW, algo="ar", max_new_tokens=NEW))
     assert greedy == _pytorch_greedy(small, prompt, NEW)
     tree, _ = generate_ids(target, prompt, GenerationConfig(algo="mcsd", mcsd_strategy="tree", max_new_tokens=NEW),
                            draft=NoisyDraft(ModelSession(b.target, threads=1), scale=0.5, seed=2))

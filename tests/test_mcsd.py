@@ -12,6 +12,9 @@ from mjsd.runtime.session import ModelSession
 from mjsd.runtime.stats import GenerationStats
 from tests.test_ar_sps import NoisyDraft
 
+# exactness tests compare with the raw model: no repetition control (mcsd, mmtad and PyTorch do not apply it)
+RAW = dict(no_repeat_ngram_size=0)
+
 PROMPTS = [[1, 17, 42, 99], [1], [5, 250, 3, 8, 60, 61, 62, 63, 64]]
 
 
@@ -56,7 +59,7 @@ def test_greedy_mcsd_equals_ar_greedy(llama, k_config, replacement):
     b, target, draft = llama
     noisy = NoisyDraft(ModelSession(b.target, threads=1), scale=1.5)
     for prompt in PROMPTS:
-        ref, _ = generate_ids(target, prompt, GenerationConfig(algo="ar", max_new_tokens=30))
+        ref, _ = generate_ids(target, prompt, GenerationConfig(**RAW, algo="ar", max_new_tokens=30))
         for d in (draft, target, noisy):  # never / always / sometimes accepted
             out, stats = generate_ids(target, prompt, GenerationConfig(
                 algo="mcsd", max_new_tokens=30, k_config=k_config, mcsd_replacement=replacement), draft=d)
@@ -75,7 +78,7 @@ def test_gpt2_graphs(gpt2_bundle):
     target, draft = ModelSession(b.target, threads=1), ModelSession(b.draft, threads=1)
     noisy = NoisyDraft(ModelSession(b.target, threads=1), scale=0.3, seed=1)
     for prompt in PROMPTS:
-        ref, _ = generate_ids(target, prompt, GenerationConfig(algo="ar", max_new_tokens=20))
+        ref, _ = generate_ids(target, prompt, GenerationConfig(**RAW, algo="ar", max_new_tokens=20))
         for d in (draft, noisy):
             assert generate_ids(target, prompt, GenerationConfig(algo="mcsd", max_new_tokens=20), draft=d)[0] == ref
     run_rounds(target, noisy, [1, 17, 42, 99], 6, algo="mcsd", k_config=(2, 2), temperature=1.0, seed=0)

@@ -133,9 +133,9 @@ def test_deterministic_mjsd_scores_real_likelihoods(tiny):
 
 # ---- KV state and refusals -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("algo,cfg", [("mjsd", dict(beam_width=3)),
-                                      ("mtad", dict(beam_width=3, temperature=1.0, seed=2)),
-                                      ("mtad", dict(beam_width=1, temperature=0.9, top_p=0.9, seed=3)),
+@pytest.mark.parametrize("algo,cfg", [("mjsd", dict(beam_width=3, tau=0.5)),
+                                      ("mtad", dict(beam_width=3, temperature=1.0, seed=2, tau=0.5)),
+                                      ("mtad", dict(beam_width=1, temperature=0.9, top_p=0.9, seed=3, tau=0.5)),
                                       ("mjsd", dict(beam_width=2, tau=0.9, top_k=10))])
 def test_kv_state_after_every_round_equals_a_fresh_forward(llama, algo, cfg):
     b, target, _ = llama

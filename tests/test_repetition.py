@@ -65,7 +65,8 @@ def test_no_output_repeats_an_ngram(llama, cfg):
 def test_the_control_changes_outputs_that_repeat(llama):
     """Without the control the tiny random model repeats 3-grams on these prompts (so the test above tests it)."""
     target, _ = llama
-    outs = [generate_ids(target, p, GenerationConfig(algo="ar", max_new_tokens=40, ignore_eos=True))[0]
+    outs = [generate_ids(target, p, GenerationConfig(algo="ar", max_new_tokens=40, ignore_eos=True,
+                                                     no_repeat_ngram_size=0))[0]
             for p in PROMPTS]
     assert any(_repeats(p + o, len(p), 3) for p, o in zip(PROMPTS, outs))
 

@@ -20,6 +20,9 @@ from mjsd.runtime.stats import GenerationStats
 from tests.test_ar_sps import NoisyDraft
 from tests.test_mcsd import PROMPTS, run_rounds
 
+# exactness tests compare with the raw model: no repetition control (mcsd, mmtad and PyTorch do not apply it)
+RAW = dict(no_repeat_ngram_size=0)
+
 PARENTS = [-1, 0, 0, 1, -1, 4, 3, 2]  # two roots, siblings, branches, depth 4
 
 
@@ -164,7 +167,7 @@ def test_mmtad_with_one_beam_equals_mtad(llama, extra):
     for prompt in PROMPTS:
         for make in (lambda: draft, lambda: noisy(twin)):
             cfg = dict(max_new_tokens=30, beam_width=1, gamma=3, tau=0.3, **extra)
-            mtad, ref = generate_ids(target, prompt, GenerationConfig(algo="mtad", **cfg), draft=make())
+            mtad, ref = generate_ids(target, prompt, GenerationConfig(**RAW, algo="mtad", **cfg), draft=make())
             mmtad, stats = generate_ids(target, prompt, GenerationConfig(algo="mmtad", **cfg), draft=make())
             assert mmtad == mtad and stats.accepted_tokens == ref.accepted_tokens
             assert stats.target_calls == stats.rounds + (len(prompt) > 1)  # one tree call per round
@@ -199,7 +202,8 @@ def test_mmtad_kv_state_after_every_round_equals_a_fresh_forward(llama, cfg):
 @pytest.mark.parametrize("extra", [dict(), dict(temperature=1.0, seed=0)])
 def test_mmtad_with_a_perfect_draft_accepts_full_depth(llama, extra):
     _, target, _, twin = llama
-    _, stats = generate_ids(target, [1, 17], GenerationConfig(algo="mmtad", max_new_tokens=25, tau=1.0, **extra),
+    _, stats = generate_ids(target, [1, 17], GenerationConfig(algo="mmtad", max_new_tokens=25, tau=1.0, gamma=4,
+                                                                    beam_width=4, **extra),
                             draft=twin)
     assert stats.rounds == 5 and stats.accepted_tokens == 20
 
@@ -211,7 +215,7 @@ def test_mmtad_reaches_at_least_mtad_acceptance_on_the_same_tree(llama):
     for prompt in PROMPTS + [[1, 2, 3], [7, 8, 9, 10]]:
         got = {}
         for algo in ("mtad", "mmtad"):
-            ctx = prefill(target, prompt, GenerationConfig(algo=algo, beam_width=3, tau=0.2), GenerationStats(),
+            ctx = prefill(target, prompt, GenerationConfig(**RAW, algo=algo, beam_width=3, tau=0.2), GenerationStats(),
                           draft=noisy(twin))
             next(ALGORITHMS[algo](ctx))
             got[algo] = ctx.stats.accepted_tokens
@@ -225,7 +229,7 @@ def test_mmtad_reaches_at_least_mtad_acceptance_on_the_same_tree(llama):
 def test_greedy_mcsd_tree_equals_ar_greedy(llama, k_config, replacement):
     _, target, draft, twin = llama
     for prompt in PROMPTS:
-        ref, _ = generate_ids(target, prompt, GenerationConfig(algo="ar", max_new_tokens=30))
+        ref, _ = generate_ids(target, prompt, GenerationConfig(**RAW, algo="ar", max_new_tokens=30))
         for d in (draft, twin, noisy(twin)):  # never / always / sometimes accepted
             out, stats = generate_ids(target, prompt, GenerationConfig(
                 algo="mcsd", mcsd_strategy="tree", max_new_tokens=30, k_config=k_config,
@@ -280,7 +284,7 @@ def test_cli_generate_with_the_tree_algorithms(llama_tree_bundle, llama_bundle):
                                         "--ignore-eos", "--json", *args])
         return res.exit_code, res.output
 
-    code, out = run(llama_tree_bundle, "--algo", "ar")
+    code, out = run(llama_tree_bundle, "--algo", "ar", "--no-repeat-ngram-size", "0")
     greedy = json.loads(out)["tokens"]
     code, out = run(llama_tree_bundle, "--algo", "mcsd", "--mcsd-strategy", "tree")
     assert code == 0 and json.loads(out)["tokens"] == greedy
@@ -300,7 +304,7 @@ def test_gpt2_exports_a_tree_graph_too(gpt2_checkpoints, tmp_path):
     assert manifest["models"]["target"]["validation"]["tree"]["rel"] < 1e-5
     b = load_bundle(tmp_path / "b")
     target, draft = ModelSession(b.target, threads=1), ModelSession(b.draft, threads=1)
-    greedy, _ = generate_ids(target, [1, 17, 42], GenerationConfig(algo="ar", max_new_tokens=12))
+    greedy, _ = generate_ids(target, [1, 17, 42], GenerationConfig(**RAW, algo="ar", max_new_tokens=12))
     out, _ = generate_ids(target, [1, 17, 42], GenerationConfig(algo="mcsd", mcsd_strategy="tree",
                                                                 max_new_tokens=12), draft=draft)
     assert out == greedy

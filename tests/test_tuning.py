@@ -59,9 +59,9 @@ def test_tuner_climbs_to_the_fastest_configuration():
 def test_tuner_ignores_time_between_turns():
     tuning = OnlineTuning(dwell_rounds=2)
     clock = Clock()
-    tuner = tuning.tuner(GenerationConfig(algo="sps", gamma=4))
+    tuner = tuning.tuner(GenerationConfig(algo="sps", gamma=4, beam_width=4))
     tuner._clock = clock
-    ctx = SimpleNamespace(cfg=GenerationConfig(algo="sps", gamma=4), stats=GenerationStats())
+    ctx = SimpleNamespace(cfg=GenerationConfig(algo="sps", gamma=4, beam_width=4), stats=GenerationStats())
     tuner(ctx, None)
     clock.t += 100.0  # another generation's turn
     tuner.resume()
