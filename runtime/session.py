@@ -18,6 +18,7 @@ GroupQueryAttention writes the new KV in place and nothing is concatenated or co
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import numpy as np
@@ -42,6 +43,10 @@ class ModelSession:
         chosen, reasons = select_providers(list(providers), ort.get_available_providers())
         for reason in reasons:
             log.warning("%s model: %s", spec.role, reason)
+        if chosen[0] != ORT_NAMES["cpu"] and "MJSD_ORT_LOG" not in os.environ:
+            # onnxruntime-gpu 1.31 logs "No registered plugin EP device found for 'CUDAExecutionProvider'" on its
+            # default logger for every CUDA session and OrtValue (plugin-EP discovery; CUDA works): errors only
+            ort.set_default_logger_severity(3)
         if fp16 and spec.graph_kind == "fused" and spec.dtype == "float32" and chosen[0] != ORT_NAMES["cpu"]:
             from .fp16 import fp16_spec
 
