@@ -68,13 +68,23 @@ FAMILIES = {
 }
 
 
-def make_family_checkpoint(dir, name: str, tokenizer, seed: int = 0, vocab: int | None = None) -> Path:
+# The families the fused graph kind covers (export/fused_graph.py), at head_dim 16: GroupQueryAttention's rotary needs
+# a multiple of 16 (the tiny configs above have 8, so `auto` exports them as the standard kind).
+FUSED = {
+    "llama": _llama_like("LlamaConfig", head_dim=16),
+    "qwen2": _llama_like("Qwen2Config", head_dim=16),
+    "mistral": _llama_like("MistralConfig", head_dim=16, sliding_window=None),
+}
+
+
+def make_family_checkpoint(dir, name: str, tokenizer, seed: int = 0, vocab: int | None = None,
+                           table: dict | None = None) -> Path:
     """Write a tiny random checkpoint of family `name` (config, safetensors weights, tokenizer) to `dir`."""
     import torch
     from transformers import AutoModelForCausalLM
 
     out = Path(dir)
-    config = FAMILIES[name](vocab or len(tokenizer), tokenizer)
+    config = (table or FAMILIES)[name](vocab or len(tokenizer), tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # wider than the default init: peaked, seed-dependent logits (see helpers.make_checkpoint)
