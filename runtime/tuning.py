@@ -24,11 +24,19 @@ from .decoding.common import DecodeContext
 from .energy.controller import PowerController
 
 GAMMAS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24)  # the steps a tuner walks (finer where acceptance changes)
+# Where a tuner starts: the run's gamma, except for sps, whose acceptance decays per token (its best on the built-in
+# bundle is 3-6 while MTAD's is 12-16, BENCHMARKS.md): walking down from the shared default 16 one probe at a time
+# took SpS more than 32 generations, so it starts at 4 and may grow up to the run's gamma.
+SPS_START_GAMMA = 4
 
 
 def search_space(cfg: GenerationConfig) -> tuple[list[int], list[int]]:
-    """(widths, gammas) a tuner may pick for `cfg`: its own width, gammas up to its own (its starting point)."""
+    """(widths, gammas) a tuner may pick for `cfg`: its own width, gammas up to its own."""
     return [cfg.beam_width], sorted({g for g in GAMMAS if g <= cfg.gamma} | {cfg.gamma})
+
+
+def start_gamma(cfg: GenerationConfig) -> int:
+    return min(cfg.gamma, SPS_START_GAMMA) if cfg.algo == "sps" else cfg.gamma
 
 
 def controller_key(cfg: GenerationConfig) -> tuple:
@@ -82,6 +90,6 @@ class OnlineTuning:
             if key not in self.controllers:
                 widths, gammas = search_space(cfg)
                 self.controllers[key] = PowerController(widths, gammas, None, "throughput",
-                                                        (cfg.beam_width, cfg.gamma), self.ewma_alpha,
+                                                        (cfg.beam_width, start_gamma(cfg)), self.ewma_alpha,
                                                         self.dwell_rounds)
             return ThroughputTuner(self.controllers[key], self._lock)

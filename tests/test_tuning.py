@@ -20,6 +20,10 @@ def test_search_space_stays_within_the_run():
     assert search_space(GenerationConfig(algo="mtad", gamma=7, beam_width=4)) == ([4], [1, 2, 3, 4, 5, 6, 7])
     assert search_space(GenerationConfig(algo="mmtad", gamma=3, beam_width=2)) == ([2], [1, 2, 3])
     assert search_space(GenerationConfig(algo="sps", gamma=5, beam_width=4)) == ([4], [1, 2, 3, 4, 5])
+    tuning = OnlineTuning()
+    for cfg, start in ((GenerationConfig(algo="sps"), 4), (GenerationConfig(algo="sps", gamma=2), 2),
+                       (GenerationConfig(algo="mtad"), 16)):
+        assert tuning.tuner(cfg).controller.choose() == (cfg.beam_width, start)
 
 
 class Clock:
