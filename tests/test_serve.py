@@ -278,7 +278,7 @@ def test_metrics_and_one_log_line_per_request(builtin_server):
     assert len(lines) == builtin_server.metric(r'mjsd_requests_total\{endpoint="/v1/completions",status="200"\}')
 
 
-# --- a bundle with a chat template, behind an API key -------------------------------------------------------------------
+# --- a bundle with a chat template, behind an API key ----------------------------------------------------------------
 
 def test_chat_with_the_bundles_template(chat_server, chat_bundle):
     from transformers import AutoTokenizer

@@ -160,7 +160,8 @@ def create_app(engine, settings: Settings = Settings()) -> FastAPI:
             cfg = engine.config(**body.generation_params(requested or 1))
             if requested is None:  # chat: the room left in the context; completions: OpenAI's 16
                 room = engine.bundle.max_context - len(ids) - cfg.lookahead + 1
-                cfg = replace(cfg, max_new_tokens=max(1, room if chat else min(room, protocol.COMPLETIONS_DEFAULT_MAX_TOKENS)))
+                default = room if chat else min(room, protocol.COMPLETIONS_DEFAULT_MAX_TOKENS)
+                cfg = replace(cfg, max_new_tokens=max(1, default))
             check_context(len(ids), cfg, engine.bundle.max_context)
         except ContextLengthError as e:
             raise APIError(400, str(e), code="context_length_exceeded",

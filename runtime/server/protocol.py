@@ -157,7 +157,7 @@ def check_max_tokens(value: int | None) -> None:
         raise APIError(400, f"max_tokens={value} is invalid: max_tokens must be an integer >= 1", param="max_tokens")
 
 
-# --- responses ---------------------------------------------------------------------------------------------------------
+# --- responses ------------------------------------------------------------------------------------------------------
 
 def usage(stats) -> dict:
     """OpenAI usage plus an `mjsd` block: the generation's statistics (acceptance, speed, energy)."""
