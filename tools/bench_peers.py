@@ -78,10 +78,11 @@ def ensure_venv(venv: Path) -> Path:
 class Worker:
     """A peer in its own venv: a worker script speaking JSON lines on stdin/stdout."""
 
-    def __init__(self, name: str, py: Path, script: str, checkpoints: Path, cache: Path, threads: int):
+    def __init__(self, name: str, py: Path, script: str, checkpoints: Path, cache: Path, threads: int,
+                 extra: tuple[str, ...] = ()):
         self.name = name
         self.proc = subprocess.Popen([str(py), str(ROOT / "tools" / script), "--checkpoints", str(checkpoints),
-                                      "--cache", str(cache), "--threads", str(threads)],
+                                      "--cache", str(cache), "--threads", str(threads), *extra],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         hello = self.proc.stdout.readline()
         if not hello:
@@ -111,13 +112,14 @@ def llamacpp_python(venv: Path) -> Path:
 
 
 class HF:
-    def __init__(self, checkpoints: Path, threads: int):
+    def __init__(self, checkpoints: Path, threads: int, fixed: bool = False):
         import torch
         from transformers import AutoModelForCausalLM, GenerationConfig
 
         self.torch = torch
         self.target = AutoModelForCausalLM.from_pretrained(checkpoints / "target").eval()
-        self.threads = self.best_threads(threads)
+        self.threads = threads if fixed else self.best_threads(threads)
+        self.torch.set_num_threads(self.threads)
         self.draft = AutoModelForCausalLM.from_pretrained(checkpoints / "draft").eval()
         eot = self.target.config.eos_token_id
         for m in (self.target, self.draft):  # generate() fills unset values from these: no EOS at all
@@ -137,9 +139,7 @@ class HF:
                 for _ in range(10):
                     self.target(x[:, :1])
                 best[t] = time.perf_counter() - t0
-        choice = min(best, key=best.get)
-        self.torch.set_num_threads(choice)
-        return choice
+        return min(best, key=best.get)
 
     def generate(self, ids: list[int], n: int, gamma: int | None) -> dict:
         x = self.torch.tensor([ids])
@@ -254,6 +254,8 @@ def main() -> None:
     ap.add_argument("--tau", type=float, default=0.5)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--peer-threads", type=int, help="threads for HF and llama.cpp (default: 1 or --threads, "
+                    "whichever is faster at start-up: their OpenMP pools busy-wait, see the module doc)")
     ap.add_argument("--ortgenai-venv", type=Path, default=ROOT / ".venv-ortgenai")
     ap.add_argument("--llamacpp-venv", type=Path, default=ROOT / ".venv-llamacpp")
     ap.add_argument("--peer-cache", "--ortgenai-cache", type=Path, help="peers' converted models (default: under "
@@ -285,13 +287,14 @@ def main() -> None:
               "cpu_count": os.cpu_count(), "versions": versions(), "threads": args.threads, "prompts": len(prompts),
               "max_new_tokens": n, "gamma": gamma, "beam_width": args.beam_width, "tau": args.tau,
               "repeats": args.repeats, "bundles": {lb: str(e.bundle.root) for lb, e in engines.items()},
-              "reference": ref_name, "checkpoints": str(args.checkpoints)}
+              "reference": ref_name, "checkpoints": str(args.checkpoints),
+              "peer_threads": "--peer-threads" if args.peer_threads else "the faster of 1 and --threads at start-up"}
     cache = args.peer_cache or default_cache(args.checkpoints)
     hf = None
     workers = {}
     try:
         if not args.skip_hf:
-            hf = HF(args.checkpoints, args.threads)
+            hf = HF(args.checkpoints, args.peer_threads or args.threads, fixed=bool(args.peer_threads))
             report["weights_max_abs_logit_diff"] = {lb: weights_check(e, hf, ids_list[0]) for lb, e in engines.items()}
             report["hf_torch_threads"] = hf.threads
             systems["hf ar"] = lambda ids, cur: hf.generate(ids, n, None)
@@ -305,7 +308,8 @@ def main() -> None:
         if not args.skip_llamacpp:
             w = workers["llamacpp"] = Worker("llama.cpp", llamacpp_python(args.llamacpp_venv),
                                              "peer_llamacpp_worker.py", args.checkpoints, cache / "llamacpp",
-                                             args.threads)
+                                             args.peer_threads or args.threads,
+                                             ("--fixed-threads",) if args.peer_threads else ())
             report["versions"]["llama-cpp-python"] = w.version
             report["llamacpp_threads"] = w.hello["threads"]
             systems["llamacpp ar"] = lambda ids, cur, w=w: w.generate("ar", ids, n, gamma)
@@ -464,9 +468,9 @@ def markdown(r: dict) -> str:
         lines.append(f"weights check: max |logit diff| mjsd ({label}) vs HF checkpoint: target {w['target']:.2g}, "
                      f"draft {w['draft']:.2g}")
     if "hf_torch_threads" in r:
-        lines.append(f"HF runs with {r['hf_torch_threads']} torch thread(s) (the faster of 1 and --threads here)")
+        lines.append(f"HF runs with {r['hf_torch_threads']} torch thread(s) ({r['peer_threads']})")
     if "llamacpp_threads" in r:
-        lines.append(f"llama.cpp runs with {r['llamacpp_threads']} thread(s) (the faster of 1 and --threads here)")
+        lines.append(f"llama.cpp runs with {r['llamacpp_threads']} thread(s) ({r['peer_threads']})")
     lines += ["", "| system | tokens/s (all) | tokens/s (median generation) | ms/token (all) | mean accepted length "
               f"| ms/target call | ms/draft call | same tokens as {r['reference']} |", "|---" * 8 + "|"]
 

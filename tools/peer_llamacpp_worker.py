@@ -14,7 +14,8 @@ lines on stdin/stdout:
   ids: the prompt is llama.cpp's detokenization of `ids`, checked to tokenize back to exactly `ids`; the generated
   text is compared with llama.cpp's detokenization of `ref` (mjsd AR's tokens). `seconds` = its own "encoded" +
   "decoded" times (prefill + decode, printed to the millisecond); `stats` = its predicted/drafted/accepted counts.
-Both run with 1 or --threads threads, whichever generates faster at start-up (reported in the hello line).
+Both run with 1 or --threads threads, whichever generates faster at start-up (reported in the hello line), or
+--threads with --fixed-threads.
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def convert(checkpoint: Path, out: Path) -> None:
 
 
 class LlamaCpp:
-    def __init__(self, cache: Path, threads: int):
+    def __init__(self, cache: Path, threads: int, fixed: bool = False):
         import llama_cpp  # here: this module's parsing helpers import without it (tests, the converter)
 
         self.lib = llama_cpp
@@ -100,7 +101,8 @@ class LlamaCpp:
         vocab = self.llm._model.vocab
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
         self.bos = llama_cpp.llama_vocab_bos(vocab)
-        self.threads = self.best_threads(threads)
+        self.threads = threads if fixed else self.best_threads(threads)
+        self.lib.llama_set_n_threads(self.llm._ctx.ctx, self.threads, self.threads)
 
     def best_threads(self, threads: int) -> int:
         """1 or `threads` threads, whichever generates faster here (like the HF peer): ggml's OpenMP workers
@@ -112,9 +114,7 @@ class LlamaCpp:
             self.lib.llama_set_n_threads(self.llm._ctx.ctx, t, t)
             self.ar(ids, 16)
             best[t] = min(self.ar(ids, 32)["seconds"] for _ in range(3))
-        choice = min(best, key=best.get)
-        self.lib.llama_set_n_threads(self.llm._ctx.ctx, choice, choice)
-        return choice
+        return min(best, key=best.get)
 
     def ar(self, ids: list[int], n: int) -> dict:
         t0 = time.perf_counter()
@@ -179,6 +179,7 @@ def main() -> None:
     ap.add_argument("--checkpoints", type=Path, help="folder with target/ and draft/ (HF)")
     ap.add_argument("--cache", type=Path)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fixed-threads", action="store_true", help="use --threads, do not probe 1 vs --threads")
     ap.add_argument("--convert", nargs=2, type=Path, metavar=("CHECKPOINT", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.convert:
@@ -186,7 +187,7 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     for role in ("target", "draft"):
         convert(args.checkpoints / role, args.cache / f"{role}-f32.gguf")
-    peer = LlamaCpp(args.cache, args.threads)
+    peer = LlamaCpp(args.cache, args.threads, args.fixed_threads)
     print(json.dumps({"ready": True, "version": peer.lib.__version__, "threads": peer.threads}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
