@@ -448,7 +448,8 @@ def format_stats(stats: dict) -> str:
         lines += [f"DEGRADED {why}" for why in e.get("degraded") or []]  # never silent (issue 14)
     if s.get("controller"):
         last = s["controller"][-1]
-        lines.append(f"budget   {len(s['controller'])} controller decisions; last: {json.dumps(last)}")
+        label = "budget  " if last.get("budget_w") is not None else "tuning  "  # a power budget, or online tuning
+        lines.append(f"{label} {len(s['controller'])} controller decisions; last: {json.dumps(last)}")
     return "\n".join(lines)
 
 
@@ -670,9 +671,11 @@ def _list(kind):
               help="JSONL ({\"prompt\": ...} per line) or text (one prompt per line); default: the built-in set.")
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N prompts.")
 @click.option("--algos", default="ar,sps,mtad", show_default=True, callback=_list(str))
-@click.option("--beam-widths", default="4", show_default=True, callback=_list(int), help="For mjsd, mtad, mjgd.")
-@click.option("--gammas", default="4", show_default=True, callback=_list(int))
-@click.option("--taus", default="0.5", show_default=True, callback=_list(float), help="For mjsd, mtad.")
+@click.option("--beam-widths", default=str(GenerationConfig.beam_width), show_default=True, callback=_list(int),
+              help="For mjsd, mtad, mjgd.")
+@click.option("--gammas", default=str(GenerationConfig.gamma), show_default=True, callback=_list(int))
+@click.option("--taus", default=str(GenerationConfig.tau), show_default=True, callback=_list(float),
+              help="For mjsd, mtad.")
 @click.option("--no-repeat-ngram-size", type=click.IntRange(min=0), default=GenerationConfig.no_repeat_ngram_size,
               show_default=True, help="Repetition control for every cell (AR included).")
 @click.option("--draft-p-min", type=FINITE, default=GenerationConfig.draft_p_min, show_default=True,

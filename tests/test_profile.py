@@ -98,8 +98,8 @@ def test_profile_run_dir(llama_bundle, prompt_file, tmp_path):
     assert {p.name for p in out.iterdir()} >= {"plan.json", "cells", "results.csv", "results.json", "summary.md",
                                                  "plots"}
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert [r["name"] for r in rows] == ["ar T=0", "sps g=2 T=0", "sps g=3 T=0", "mtad g=2 W=4 tau=0.5 T=0",
-                                         "mtad g=3 W=4 tau=0.5 T=0"]
+    assert [r["name"] for r in rows] == ["ar T=0", "sps g=2 T=0", "sps g=3 T=0", "mtad g=2 W=2 tau=0.05 T=0",
+                                         "mtad g=3 W=2 tau=0.05 T=0"]
     doc = json.loads((out / "results.json").read_text())
     assert doc["cells_done"] == doc["cells_planned"] == 5
     assert doc["energy_source"] == ["estimated"] and doc["energy_estimated"]
@@ -115,7 +115,7 @@ def test_profile_run_dir(llama_bundle, prompt_file, tmp_path):
     for name in ("speedup_vs_energy.png", "perplexity_vs_speedup.png", "acceptance_by_position.png"):
         assert (out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (out / "summary.md").read_text()
-    assert "| mtad g=3 W=4 tau=0.5 T=0 |" in summary and "ESTIMATED" in summary
+    assert "| mtad g=3 W=2 tau=0.05 T=0 |" in summary and "ESTIMATED" in summary
     # an existing run is never overwritten silently
     r = CliRunner().invoke(main, ["profile", "--bundle", str(llama_bundle), "--prompts", str(prompt_file),
                                   "--out", str(out), *SWEEP])
