@@ -29,16 +29,54 @@ def banned_tokens(history: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
     return np.unique(h[starts + n - 1])
 
 
-def ban_repeats(logits: np.ndarray, histories: Sequence[Sequence[int] | np.ndarray], n: int) -> np.ndarray:
-    """logits [R, V] (or [V] with one history) with each row's banned tokens at -inf; the input when n == 0 (a copy
-    otherwise). Tokens beyond the logit width (padding) are ignored."""
-    if not n:
-        return logits
+class NGramIndex:
+    """The n-grams of a sequence that only grows (a generation's accepted text), so that the banned tokens of the text
+    plus a few more tokens (a draft beam, a draft prefix) cost O(those tokens) instead of a scan of the whole text:
+    a draft round asks for ~50 rows over a text of hundreds of tokens. `banned(seq, extra)` equals
+    `banned_tokens(seq + extra, n)` once `extend(seq)` has seen seq."""
+
+    def __init__(self, n: int):
+        if n < 2:
+            raise ValueError(f"NGramIndex needs n >= 2, got {n}")
+        self.n, self.upto = n, 0
+        self.next: dict[tuple[int, ...], set[int]] = {}  # (n-1)-gram -> the tokens that followed it
+
+    def extend(self, seq: Sequence[int]) -> None:
+        """Index the n-grams of seq that end at or after position `upto` (seq extends what was indexed before)."""
+        n = self.n
+        for end in range(max(self.upto, n - 1), len(seq)):
+            self.next.setdefault(tuple(seq[end - n + 1:end]), set()).add(int(seq[end]))
+        self.upto = len(seq)
+
+    def banned(self, seq: Sequence[int], extra: Sequence[int] = ()) -> list[int]:
+        n = self.n
+        tail = [int(t) for t in seq[max(0, len(seq) - n + 1):]] + [int(t) for t in extra]
+        if len(seq) + len(extra) < n:
+            return []
+        key = tuple(tail[len(tail) - n + 1:])
+        out = set(self.next.get(key, ()))  # n-grams that end inside seq
+        for end in range(len(tail) - len(extra), len(tail)):  # n-grams that end inside extra
+            if end >= n - 1 and tuple(tail[end - n + 1:end]) == key:
+                out.add(tail[end])
+        return sorted(out)
+
+
+def ban_tokens(logits: np.ndarray, banned_rows: Sequence[Sequence[int] | np.ndarray]) -> np.ndarray:
+    """logits [R, V] (or [V] with one row) with each row's banned tokens at -inf (a copy). Tokens beyond the logit
+    width (padding) are ignored; a row is left alone if the ban would remove every token."""
     out = np.array(logits, dtype=np.float32)
     rows = out.reshape(-1, out.shape[-1])
-    for row, h in zip(rows, histories, strict=True):
-        banned = banned_tokens(h, n)
+    for row, banned in zip(rows, banned_rows, strict=True):
+        banned = np.asarray(banned, dtype=np.int64)
         banned = banned[banned < row.size]
         if banned.size and np.isfinite(np.delete(row, banned)).any():  # never ban every token
             row[banned] = -np.inf
     return out
+
+
+def ban_repeats(logits: np.ndarray, histories: Sequence[Sequence[int] | np.ndarray], n: int) -> np.ndarray:
+    """logits [R, V] (or [V] with one history) with each row's banned tokens (banned_tokens) at -inf; the input
+    itself when n == 0, else a copy."""
+    if not n:
+        return logits
+    return ban_tokens(logits, [banned_tokens(h, n) for h in histories])

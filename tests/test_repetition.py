@@ -8,7 +8,7 @@ from mjsd.runtime.config import GenerationConfig
 from mjsd.runtime.decoding import generate_ids
 from mjsd.runtime.decoding.mjsd import draft_should_stop
 from mjsd.runtime.errors import ConfigError
-from mjsd.runtime.repetition import ban_repeats, banned_tokens
+from mjsd.runtime.repetition import NGramIndex, ban_repeats, banned_tokens
 from mjsd.runtime.session import ModelSession
 
 PROMPTS = [[1, 5, 6, 5, 6, 5], [1, 20, 21, 22], [1, 7, 7, 7, 7]]
@@ -28,6 +28,22 @@ def test_banned_tokens():
     assert banned_tokens([1, 2, 3], 1).tolist() == [1, 2, 3]
     assert banned_tokens([1, 2, 3], 4).size == 0 and banned_tokens([1, 2, 1], 0).size == 0
     assert banned_tokens([1, 2, 3, 1, 9], 3).size == 0
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_ngram_index_equals_a_full_scan(n):
+    """The incremental index (what the algorithms use) bans exactly what a scan of the whole history bans, as the
+    text grows round by round and for any extra tokens after it."""
+    rng = np.random.default_rng(n)
+    seq, index = [], NGramIndex(n)
+    for _ in range(40):
+        seq += rng.integers(0, 5, rng.integers(0, 6)).tolist()  # a small vocabulary: many repeats
+        index.extend(seq)
+        for _ in range(5):
+            extra = rng.integers(0, 5, rng.integers(0, 7)).tolist()
+            assert index.banned(seq, extra) == banned_tokens(seq + extra, n).tolist(), (seq, extra)
+    with pytest.raises(ValueError):
+        NGramIndex(1)
 
 
 def test_ban_repeats_rows_and_never_everything():

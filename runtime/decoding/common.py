@@ -10,14 +10,14 @@ token, sometimes one more draft token the draft never saw).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..config import GenerationConfig
 from ..errors import ConfigError
 from ..kvcache import KVCache
-from ..repetition import ban_repeats
+from ..repetition import NGramIndex, ban_repeats, ban_tokens
 from ..sampling import greedy, probs, sample, shared_vocab
 from ..session import ModelSession
 from ..stats import GenerationStats
@@ -34,6 +34,7 @@ class DecodeContext:
     ids: list[int]  # prompt + generated tokens; the last one is pending
     draft: ModelSession | None = None
     draft_cache: KVCache | None = None
+    ngrams: NGramIndex | None = field(default=None, repr=False)  # of ids, for no_repeat (built on first use)
 
     def unfed(self, cache: KVCache) -> list[int]:
         return self.ids[cache.length:]
@@ -44,7 +45,12 @@ class DecodeContext:
         n = self.cfg.no_repeat_ngram_size
         if not n:
             return logits
-        return ban_repeats(logits, [self.ids + [int(t) for t in e] for e in extras], n)
+        if n == 1:
+            return ban_repeats(logits, [self.ids + [int(t) for t in e] for e in extras], n)
+        if self.ngrams is None or self.ngrams.n != n:
+            self.ngrams = NGramIndex(n)
+        self.ngrams.extend(self.ids)  # ids only grow: this indexes the last round's tokens
+        return ban_tokens(logits, [self.ngrams.banned(self.ids, e) for e in extras])
 
     def dist(self, logits: np.ndarray) -> np.ndarray:
         """The filtered distribution of algorithms.md over the shared vocabulary."""
