@@ -39,7 +39,7 @@ SPINNING = ("run", "on", "off")  # intra-op thread spinning policies (ModelSessi
 class ModelSession:
     def __init__(self, spec: ModelSpec, providers=("cpu",), threads: int | None = None, *, max_batch: int = 1,
                  fp16: bool = False, engine_cache_path: str | None = None, device_id: int = 0,
-                 io_binding: bool | None = None, spinning: str = "off"):
+                 io_binding: bool | None = None, spinning: str = "run"):
         chosen, reasons = select_providers(list(providers), ort.get_available_providers())
         for reason in reasons:
             log.warning("%s model: %s", spec.role, reason)
@@ -58,9 +58,10 @@ class ModelSession:
         opts.log_severity_level = 3  # ORT's own warnings (e.g. unused initializers) are noise for users
         if threads:
             opts.intra_op_num_threads = threads
-        # intra-op threads that spin wake sooner but burn the cores meanwhile. "off" (the default): never; "run": spin
-        # within a call, stop when it returns (force_spinning_stop), so target and draft calls do not steal each
-        # other's cores; "on": spin between calls too (ORT's default). Measured in BENCHMARKS.md (thread policy).
+        # intra-op threads that spin wake sooner but burn the cores meanwhile. "run" (the default): spin within a
+        # call, stop when it returns (force_spinning_stop), so target and draft calls do not steal each other's
+        # cores; "on": spin between calls too (ORT's default: as fast for AR, 0.6x for SpS/MTAD); "off": never
+        # (0.54x for AR, 0.8x for SpS/MTAD). Measured with tools/bench_threads.py (BENCHMARKS.md, thread policy).
         if spinning not in SPINNING:
             raise ConfigError(f"spinning={spinning!r}: choose one of {', '.join(SPINNING)}")
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if spinning == "off" else "1")

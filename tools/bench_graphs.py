@@ -8,13 +8,14 @@ Per call, after a past of --past tokens (median ms, calls alternating between th
 beam step), B4T1 (4 beams x 1 token), B1T5 (SpS/MTAD verification of gamma 4), a 5-node tree (MMTAD, MCSD tree),
 and the cache's 4-row gather (beam reorder). The cache is cropped back after each call, so every call sees the same
 past. --generate N: AR/SpS/MTAD generations of 64 tokens on N built-in prompts with each bundle, interleaved prompt by
-prompt (runtime/bench.py run_bench), tokens/s and per-call model time; --spinning run,off repeats them with those
-intra-op spinning policies (session.py; "on" spins between calls and slows every other engine in the process, so
-measure it alone). Wrap in `flock /tmp/mjsd-bench.lock`.
+prompt (runtime/bench.py run_bench), tokens/s and per-call model time. The old bundle runs with --old-spinning (off:
+the policy before the fused graphs), the new one with each of --spinning (session.py; "on" spins between calls and
+slows every other engine in the process: measure it alone, tools/bench_threads.py). Wrap in `flock /tmp/mjsd-bench.lock`.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import time
 
@@ -48,7 +49,8 @@ def _context(past: int) -> list[int]:
 
 
 def per_call(paths: dict[str, str], args) -> dict[str, dict[str, float]]:
-    sessions = {k: ModelSession(load_bundle(p).target, threads=args.threads, spinning=args.spinning[0])
+    sessions = {k: ModelSession(load_bundle(p).target, threads=args.threads,
+                                spinning=args.spinning[0] if k == "new" else args.old_spinning)
                 for k, p in paths.items()}
     results = {}
     for case, (setup, call) in cases(args.past).items():
@@ -83,16 +85,50 @@ def generate(paths: dict[str, str], args) -> list[dict]:
 
     engines, configs = {}, []
     for k, p in paths.items():
-        for spin in args.spinning:
+        for spin in args.spinning if k == "new" else [args.old_spinning]:
             name = f"{k} spin={spin}"
             engines[name] = Engine.from_bundle(p, threads=args.threads, meter=None, spinning=spin)
-            configs += [(f"{algo} {name}", GenerationConfig(algo=algo, max_new_tokens=64, seed=0, ignore_eos=True))
+            # fixed work per configuration (no online tuning); SpS at its best fixed gamma here
+            configs += [(f"{algo} {name}", GenerationConfig(algo=algo, max_new_tokens=64, seed=0, ignore_eos=True,
+                                                            tune=False, **({"gamma": 4} if algo == "sps" else {})))
                         for algo in args.algos]
     summaries = run_bench(next(iter(engines.values())), load_prompts(limit=args.generate), configs,
                           engines={name: engines[name.split(" ", 1)[1]] for name, _ in configs})
     print(format_table(summaries))
-    return [{k: s.get(k) for k in ("name", "tokens_per_s", "mean_accepted_length", "perplexity", "ms_per_target_call",
-                                   "ms_per_draft_call")} for s in summaries]
+    rows = [{k: s.get(k) for k in ("name", "tokens_per_s", "mean_accepted_length", "perplexity")} for s in summaries]
+    print(draft_time_per_round(engines, load_prompts(limit=args.generate)))
+    return rows
+
+
+def draft_time_per_round(engines: dict, prompts: list[str]) -> str:
+    """MTAD's whole draft phase per round (draft_beams: beam steps and beam reorders, wall time), and the draft
+    model's time per call, engines alternating per prompt."""
+    from mjsd.runtime.config import GenerationConfig
+    mjsd = importlib.import_module("mjsd.runtime.decoding.mjsd")  # the package exports a function of that name
+
+    spent, inner = [0.0], mjsd.draft_beams
+
+    def timed(ctx, sampling):
+        t0 = time.perf_counter()
+        try:
+            return inner(ctx, sampling)
+        finally:
+            spent[0] += time.perf_counter() - t0
+
+    cfg = GenerationConfig(algo="mtad", max_new_tokens=64, seed=0, ignore_eos=True, tune=False)
+    totals = {name: [0.0, 0, 0.0, 0] for name in engines}
+    mjsd.draft_beams = timed
+    try:
+        for text in prompts:
+            for name, engine in engines.items():
+                spent[0] = 0.0
+                st = engine.generate(text, cfg).stats
+                t = totals[name]
+                totals[name] = [t[0] + spent[0], t[1] + st.rounds, t[2] + st.draft_time_s, t[3] + st.draft_calls]
+    finally:
+        mjsd.draft_beams = inner
+    return "\n".join(f"mtad {name}: draft phase {1e3 * w / r:.2f} ms per round ({r / len(prompts):.1f} rounds), "
+                     f"draft model {1e3 * t / c:.3f} ms per call" for name, (w, r, t, c) in totals.items())
 
 
 def main() -> None:
@@ -105,7 +141,8 @@ def main() -> None:
     ap.add_argument("--generate", type=int, default=0, help="prompts for the end-to-end comparison")
     ap.add_argument("--algos", type=lambda s: s.split(","), default=["ar", "sps", "mtad"])
     ap.add_argument("--spinning", type=lambda s: s.split(","), default=["run"],
-                    help="intra-op spinning policies to compare (run, on, off; session.py)")
+                    help="intra-op spinning policies of the new bundle's sessions (run, on, off; session.py)")
+    ap.add_argument("--old-spinning", default="off", help="the old bundle's policy (before the fused graphs: off)")
     args = ap.parse_args()
     paths = {"old": args.old, "new": args.new}
     out = {"past": args.past, "repeats": args.repeats, "threads": args.threads,
