@@ -149,14 +149,15 @@ def config_variant(spec: str, base: GenerationConfig) -> GenerationConfig:
                               "sps:gamma=5:tune=false")
         old = getattr(base, key)
         try:
-            if isinstance(old, bool):
+            if isinstance(old, bool) or key == "tune":  # tune: None (auto), true or false
                 if value.lower() not in ("true", "false", "1", "0"):
                     raise ValueError
                 changes[key] = value.lower() in ("true", "1")
             else:
                 changes[key] = type(old)(value) if old is not None else int(value)
         except ValueError:
-            raise ConfigError(f"{spec!r}: {key}={value!r} is not a valid {type(old).__name__}") from None
+            kind = "bool" if key == "tune" else type(old).__name__
+            raise ConfigError(f"{spec!r}: {key}={value!r} is not a valid {kind}") from None
     return replace(base, **changes)
 
 
@@ -323,7 +324,8 @@ def run_bench(engine, prompts: list[str], configs: Iterable[tuple[str, Generatio
     prompt (load_references), for the task metric.
     """
     references = references or [None] * len(prompts)
-    rows = [Row(name, replace(cfg, ignore_eos=True)) for name, cfg in configs]
+    # tune=None (auto) is resolved before the per-prompt seeds below, which would otherwise turn tuning off
+    rows = [Row(name, replace(cfg, ignore_eos=True, tune=cfg.tuning)) for name, cfg in configs]
     if not rows:
         raise ConfigError("nothing to benchmark: give at least one configuration")
     if repeats < 1 or warmup < 0:

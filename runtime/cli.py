@@ -475,8 +475,8 @@ def format_stats(stats: dict) -> str:
               help="mjsd, mtad: stop drafting once the best beam's last token has draft probability below this.")
 @click.option("--no-repeat-ngram-size", type=int, default=GenerationConfig.no_repeat_ngram_size, show_default=True,
               help="Ban tokens that would repeat an n-gram of the text (ar, sps, mjsd, mtad; 0 = off).")
-@click.option("--tune/--no-tune", default=GenerationConfig.tune, show_default=True,
-              help="Adapt gamma and beam width between rounds for tokens/s (decisions in the stats).")
+@click.option("--tune/--no-tune", default=None, help="Adapt gamma and beam width between rounds for tokens/s "
+              "(decisions in the stats). Default: on, unless --seed is given (a fixed seed repeats its tokens).")
 @click.option("--k-config", callback=_k_config, help="MCSD candidates per depth, e.g. 2,2,1.")
 @click.option("--mcsd-replacement/--mcsd-no-replacement", default=False, show_default=True,
               help="MCSD: sample candidates with or without replacement.")
@@ -603,7 +603,7 @@ def serve_cmd(bundle, host, port, profile, power_budget, api_key, max_queue, tim
 @click.option("--tau", type=FINITE, default=GenerationConfig.tau, show_default=True)
 @click.option("--draft-p-min", type=FINITE, default=GenerationConfig.draft_p_min, show_default=True)
 @click.option("--no-repeat-ngram-size", type=int, default=GenerationConfig.no_repeat_ngram_size, show_default=True)
-@click.option("--tune/--no-tune", default=GenerationConfig.tune, show_default=True,
+@click.option("--tune/--no-tune", default=True, show_default=True,
               help="Online tuning of gamma and beam width (the Engine keeps learning across the run's generations).")
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads per session.")
 @click.option("--meter", type=click.Choice(["auto", "jetson", "nvml", "rapl", "estimate", "none"]), default="auto",

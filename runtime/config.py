@@ -35,7 +35,9 @@ class GenerationConfig:
     tau: float = 0.05  # joint-likelihood acceptance threshold (mjsd, mtad, mmtad)
     draft_p_min: float = 0.0  # mjsd, mtad: stop drafting once the best beam's last token has q below it (0 = off)
     no_repeat_ngram_size: int = 3  # ar, sps, mjsd, mtad (not mmtad, mcsd, mjgd): ban n-gram repeats (0 = off)
-    tune: bool = True  # Engine: adapt gamma / beam width between rounds for tokens/s (runtime/tuning.py)
+    # Engine: adapt gamma / beam width between rounds for tokens/s (runtime/tuning.py). None: on, unless a seed is
+    # given (tuning follows the timing of the rounds, and a fixed seed must give the same tokens every time)
+    tune: bool | None = None
     k_config: tuple[int, ...] = (2, 2, 1)  # MCSD children per depth
     stop: tuple[str, ...] = ()  # stop strings (need a tokenizer to decode)
     ignore_eos: bool = False  # keep generating past EOS (benchmarks, like llama.cpp --ignore-eos)
@@ -76,7 +78,7 @@ class GenerationConfig:
                self.k_config, "a non-empty sequence of integers >= 1, e.g. (2, 2, 1)")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "a list of non-empty strings")
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "true or false")
-        _check(isinstance(self.tune, bool), "tune", self.tune, "true or false")
+        _check(self.tune is None or isinstance(self.tune, bool), "tune", self.tune, "true, false or None (auto)")
         _check(isinstance(self.mcsd_replacement, bool), "mcsd_replacement", self.mcsd_replacement, "true or false")
         _check(self.mcsd_strategy in MCSD_STRATEGIES, "mcsd_strategy", self.mcsd_strategy,
                f"one of {list(MCSD_STRATEGIES)}")
@@ -97,6 +99,11 @@ class GenerationConfig:
         if self.algo == "mmtad":  # every beam of every depth is a tree node
             return self.gamma * self.beam_width
         return self.gamma
+
+    @property
+    def tuning(self) -> bool:
+        """Whether the Engine tunes this generation online: `tune`, or when unset, only without a fixed seed."""
+        return self.tune if self.tune is not None else self.seed is None
 
     def to_dict(self) -> dict:
         return asdict(self)

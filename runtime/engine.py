@@ -227,7 +227,7 @@ class Engine:
         configured. Between turns the energy monitor is in phase "wait" (other generations' rounds), which its
         report leaves out."""
         tuner = self._controller_factory(cfg) if self._controller_factory and cfg.algo in TUNABLE else None
-        if tuner is None and cfg.tune and cfg.algo in TUNABLE:
+        if tuner is None and cfg.tuning and cfg.algo in TUNABLE:
             tuner = self.tuning.tuner(cfg)
         kwargs = dict(draft=self.draft, vocab_size=self.bundle.vocab_size, eos_id=self.bundle.eos_token_id,
                       decode=self.decode, tune=tuner)

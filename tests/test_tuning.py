@@ -89,6 +89,8 @@ def test_engine_tunes_by_default_and_not_with_tune_false(engine):
     assert r.stats.controller is None
     r = engine.generate("def f(x):", algo="ar", max_new_tokens=8)  # nothing to tune
     assert r.stats.controller is None
+    r = engine.generate("def f(x):", algo="mtad", max_new_tokens=8, seed=3)  # a fixed seed repeats: no tuning
+    assert r.stats.controller is None
 
 
 def test_concurrent_tuned_generations(engine):
