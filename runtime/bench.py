@@ -233,6 +233,7 @@ class Row:
     energy_s: float = 0.0  # seconds the energy accounting covered
     energy_source: str | None = None
     estimated: bool = False
+    degraded: set = field(default_factory=set)  # why some readings were not whole measurements (energy accounting)
     texts: list[str] = field(default_factory=list)
     parsed: int = 0  # completions that parse as Python (completion_parses)
     judged: int = 0  # completions of prompts that end in a function header
@@ -274,6 +275,7 @@ class Row:
             self.energy_j += stats.energy["energy_j"]
             self.energy_s += stats.energy["seconds"]
             self.energy_source, self.estimated = stats.energy["source"], stats.energy["estimated"]
+            self.degraded.update(stats.energy.get("degraded") or [])
         self.texts.append(text)
         if parses is not None:
             self.judged += 1
@@ -304,7 +306,8 @@ class Row:
         if self.energy_source:
             out.update(energy_j=round(self.energy_j, 4), j_per_token=self.energy_j / self.tokens,
                        avg_w=self.energy_j / self.energy_s if self.energy_s else None,
-                       energy_source=self.energy_source, energy_estimated=self.estimated)
+                       energy_source=self.energy_source, energy_estimated=self.estimated,
+                       energy_degraded=sorted(self.degraded))
         return out
 
 
@@ -368,7 +371,8 @@ def format_table(summaries: list[dict]) -> str:
 
     for s in summaries:
         jpt = s.get("j_per_token")
-        energy = "-" if jpt is None else f"{jpt:.4f}{' (est.)' if s['energy_estimated'] else ''}"
+        energy = "-" if jpt is None else (f"{jpt:.4f}{' (est.)' if s['energy_estimated'] else ''}"
+                                          f"{' (DEGRADED)' if s.get('energy_degraded') else ''}")
         lines.append(f"| {s['name']} | {s['temperature']:g} | {s['tokens_per_s']:.1f} | "
                      f"{f(s['speedup_vs_ar'], '.2f')}x | {f(s.get('decode_speedup_vs_ar'), '.2f')}x | "
                      f"{f(s['acceptance_rate'], '.2f')} | "

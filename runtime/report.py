@@ -121,7 +121,8 @@ def summary_markdown(doc: dict, plots: list[str]) -> str:
              f"providers {', '.join(m.get('providers', []))}; threads {doc['threads'] or 'ORT default'}",
              f"- versions: python {m.get('python', '?')}, {versions}",
              f"- profile: {doc['profile'] or 'none'}; energy source: {', '.join(doc['energy_source']) or 'none'}"
-             + (" (ESTIMATED from CPU time: this machine has no power sensor)" if est else ""),
+             + (" (ESTIMATED from CPU time: this machine has no power sensor)" if est else "")
+             + "".join(f"; DEGRADED: {why}" for why in doc.get("energy_degraded") or []),
              "- method: each configuration is timed interleaved with AR at the same sampling settings over the same "
              "prompts (EOS ignored, same token count); speed-up = its tokens/s / that AR's. Perplexity under the "
              "target at T=1 over the generated tokens; parses = share of completions whose function parses; dup lines = "

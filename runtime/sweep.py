@@ -41,7 +41,7 @@ CSV_FIELDS = ("name", "algo", "temperature", "top_k", "top_p", "gamma", "beam_wi
               "mean_accepted_length", "tokens_per_target_call", "per_position_acceptance", "perplexity",
               "parse_rate", "dup_line_fraction", "distinct_2", "next_line_match", "edit_similarity",
               "prefill_speedup_vs_ar", "decode_speedup_vs_ar", "j_per_token", "avg_w", "energy_source",
-              "energy_estimated")
+              "energy_estimated", "energy_degraded")
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,8 @@ def results_csv(results: list[dict]) -> str:
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in results:
-        w.writerow({**r, "per_position_acceptance": " ".join(f"{a:.4f}" for a in r["per_position_acceptance"])})
+        w.writerow({**r, "per_position_acceptance": " ".join(f"{a:.4f}" for a in r["per_position_acceptance"]),
+                    "energy_degraded": "; ".join(r.get("energy_degraded") or [])})
     return buf.getvalue()
 
 
@@ -258,6 +259,7 @@ def write_results(run: Path) -> list[dict]:
     doc = {**meta, "prompts": len(plan["prompts"]), "cells_planned": len(plan["cells"]), "cells_done": len(results),
            "machine": machine, "energy_source": sources,
            "energy_estimated": any(r.get("energy_estimated") for r in results),
+           "energy_degraded": sorted({why for r in results for why in r.get("energy_degraded") or []}),
            "results": [{k: v for k, v in r.items() if k != "machine"} for r in results]}
     write_atomic(run / "results.json", json.dumps(doc, indent=1))
     write_atomic(run / "results.csv", results_csv(results))

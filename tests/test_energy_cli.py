@@ -170,3 +170,24 @@ def test_server_usage_carries_an_infeasible_budget(llama_bundle):
     r = eng.generate("def f(x):", algo="sps", gamma=1, beam_width=1, max_new_tokens=12, ignore_eos=True)
     last = usage(r.stats)["mjsd"]["controller"]  # what an OpenAI client sees in usage.mjsd
     assert last["reason"] == "budget infeasible" and last["budget_w"] == 0.5 and last["watts"] > 0.5
+
+
+def test_bench_and_profile_flag_degraded_energy(tmp_path, llama_bundle):
+    """A degraded reading (VDD_IN unreadable) is never silent in the reports either: bench rows, the profile's
+    results.json/csv and summary.md."""
+    fs = fake_sysfs.orin_nano(tmp_path / "sys")
+    fs.remove(f"{fake_sysfs.ORIN_NANO_HWMON}/curr1_input")
+    env = {"MJSD_SYSFS_ROOT": str(tmp_path / "sys")}
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "def f(x):"}) + "\n")
+    r = run("bench", "--bundle", str(llama_bundle), "--prompts", str(prompts), "--algos", "ar", "--temperatures", "0",
+            "-n", "4", "--meter", "jetson", "--json", env=env)
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.stdout)[0] if r.stdout.lstrip().startswith("[") else json.loads(r.stdout)["results"][0]
+    assert any("VDD_IN" in why for why in row["energy_degraded"])
+    out = tmp_path / "run"
+    r = run("profile", "--bundle", str(llama_bundle), "--prompts", str(prompts), "--out", str(out), "--algos", "ar",
+            "--temperatures", "0", "-n", "4", "--meter", "jetson", "--profile", "orin-nano", env=env)
+    assert r.exit_code == 0, r.output
+    assert any("VDD_IN" in why for why in json.loads((out / "results.json").read_text())["energy_degraded"])
+    assert "VDD_IN" in (out / "results.csv").read_text() and "DEGRADED" in (out / "summary.md").read_text()
