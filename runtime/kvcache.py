@@ -171,7 +171,7 @@ class KVCache:
             out = _device_gather(len(tensors), axis, self.dtype.str, self.device)(tensors, idx)
             self.keys, self.values = out[:n], out[n:]
             self.rows = n_rows  # device buffers hold exactly the live rows (an OrtValue has no row views)
-        self._bound = None
+            self._bound = None  # new buffers (on the host the moves stay in the bound memory)
 
     def _resize(self, rows: int, capacity: int) -> None:
         """Shared layout: a bigger buffer holding the live prefix (rare: capacity doubles)."""
