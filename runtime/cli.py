@@ -65,11 +65,6 @@ def main() -> None:
     Exit codes: 0 success, 1 error, 2 usage error, 130 interrupted."""
 
 
-def reports_errors(fn):
-    """Marks a subcommand; its errors are reported by the group (_Group.main), the CLI's one error path."""
-    return fn
-
-
 class _Finite(click.types.FloatParamType):
     """A float option that refuses inf and NaN (click's float accepts both)."""
 
@@ -180,7 +175,6 @@ def _describe_bundle(root, manifest: dict, verified: bool) -> str:
               "input, for tree verification (mmtad, mcsd --mcsd-strategy tree); fused graphs always have it.")
 @click.option("--json", "as_json", is_flag=True, help="Print a one-object JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-@reports_errors
 def export_cmd(target, draft, out, quantize, quantize_target, quantize_draft, fp16, max_context, no_validate, force,
                graph_kind, tree_attention, as_json, quiet):
     """Export a target and a draft checkpoint into a validated ONNX bundle."""
@@ -211,7 +205,6 @@ def export_cmd(target, draft, out, quantize, quantize_target, quantize_draft, fp
 @click.argument("bundle", type=click.Path(path_type=Path), required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of every file.")
-@reports_errors
 def inspect_cmd(bundle, as_json, no_verify):
     """Describe a bundle (default: the built-in one): models, layers, KV heads, head dim, vocabulary, context, dtype,
     sizes, provenance."""
@@ -236,7 +229,6 @@ def _format_modes(profile) -> str:
 @main.command("profiles")
 @click.argument("name_or_path", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@reports_errors
 def profiles_cmd(name_or_path, as_json):
     """List the bundled device profiles, or validate and show one (a name or a .toml path)."""
     from .profiles import bundled_profiles, load_profile
@@ -278,7 +270,6 @@ def profiles_cmd(name_or_path, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--record", "record_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Capture this device's sysfs power tree (values and symlinks) into a .tar.gz test fixture, then exit.")
-@reports_errors
 def power_cmd(profile_name, meter, duration, hz, as_json, record_file):
     """Show the detected power meters and live readings, to check a device before a run."""
     import time
@@ -498,7 +489,6 @@ def format_stats(stats: dict) -> str:
 @click.option("--objective", type=click.Choice(["throughput", "energy"]), help="What the controller optimises.")
 @click.option("--stats", "show_stats", is_flag=True, help="Print a statistics block (stderr) after the text.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, token ids, stats.")
-@reports_errors
 def generate_cmd(prompt, prompt_file, bundle, algo, max_new_tokens, temperature, top_k, top_p, seed, gamma,
                  beam_width, tau, draft_p_min, no_repeat_ngram_size, tune, k_config, mcsd_replacement, mcsd_strategy,
                  stop, ignore_eos, provider, threads, fp16, profile, meter, power_budget, objective, show_stats,
@@ -568,7 +558,6 @@ def _warn_if_budget_infeasible(stats) -> None:
               show_default=True, help="Energy meter ('none': no energy accounting).")
 @click.option("--model-name", help="The model id clients ask for (default: the bundle's folder name, "
               "mjsd-builtin for the built-in bundle).")
-@reports_errors
 def serve_cmd(bundle, host, port, profile, power_budget, api_key, max_queue, timeout, grace_period, provider, threads,
               meter, model_name):
     """Serve the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models) plus /health and /metrics."""
@@ -609,7 +598,6 @@ def serve_cmd(bundle, host, port, profile, power_budget, api_key, max_queue, tim
 @click.option("--meter", type=click.Choice(["auto", "jetson", "nvml", "rapl", "estimate", "none"]), default="auto",
               show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON.")
-@reports_errors
 def bench_cmd(bundle, prompts_file, limit, algos, temperatures, top_k, top_p, max_new_tokens, gamma, beam_width,
               tau, draft_p_min, no_repeat_ngram_size, tune, threads, meter, as_json):
     """Compare algorithms on a prompt set in one interleaved run: tokens/s, speed-up vs AR (end to end, prefill and
@@ -694,7 +682,6 @@ def _list(kind):
 @click.option("--profile", "device_profile", help="Device profile (name or .toml path): meters, budgets.")
 @click.option("--meter", type=click.Choice(["auto", "jetson", "nvml", "rapl", "estimate", "none"]), default="auto",
               show_default=True)
-@reports_errors
 def profile_cmd(out, resume_dir, force, bundle, prompts_file, limit, algos, beam_widths, gammas, taus,
                 no_repeat_ngram_size, draft_p_min, temperatures, budgets, top_k, top_p, max_new_tokens, repeats, warmup,
                 threads, device_profile, meter):
@@ -737,7 +724,6 @@ def profile_cmd(out, resume_dir, force, bundle, prompts_file, limit, algos, beam
 
 @main.command("report")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@reports_errors
 def report_cmd(run_dir):
     """Re-render a profile run's plots, results.csv/json and Markdown summary (also for an unfinished run)."""
     from .sweep import find_run, write_results
