@@ -80,18 +80,7 @@ FUSED = {
 def make_family_checkpoint(dir, name: str, tokenizer, seed: int = 0, vocab: int | None = None,
                            table: dict | None = None) -> Path:
     """Write a tiny random checkpoint of family `name` (config, safetensors weights, tokenizer) to `dir`."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    from tests.helpers import save_random_model
 
-    out = Path(dir)
     config = (table or FAMILIES)[name](vocab or len(tokenizer), tokenizer)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # wider than the default init: peaked, seed-dependent logits (see helpers.make_checkpoint)
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.15)
-    model.eval()
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_random_model(config, tokenizer, Path(dir), seed)

@@ -66,8 +66,7 @@ def make_checkpoint(dir, arch: str = "llama", vocab_size: int = 256, layers: int
     PreTrainedTokenizerFast (default: `make_tokenizer(vocab_size)`); pass the same object to a target and a draft so
     they share it. `model_vocab_size` pads the logit width beyond the tokenizer's vocabulary (default: equal).
     """
-    import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    from transformers import GPT2Config, LlamaConfig
 
     out = Path(dir)
     tok = tokenizer if tokenizer is not None else make_tokenizer(vocab_size)
@@ -85,6 +84,14 @@ def make_checkpoint(dir, arch: str = "llama", vocab_size: int = 256, layers: int
                             n_inner=intermediate, **ids)
     else:
         raise ValueError(f"unknown arch {arch!r} (llama or gpt2)")
+    return save_random_model(config, tok, out, seed)
+
+
+def save_random_model(config, tokenizer, out: Path, seed: int = 0) -> Path:
+    """Random weights for `config` saved with `tokenizer` to `out` (safetensors)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     # The default init (std 0.02) makes nearly uniform logits; a wider one gives peaked, seed-dependent distributions
@@ -95,5 +102,5 @@ def make_checkpoint(dir, arch: str = "llama", vocab_size: int = 256, layers: int
                 p.normal_(0.0, 0.15)
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out
