@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 
 import numpy as np
 import onnxruntime as ort
@@ -86,7 +87,9 @@ class ModelSession:
         self._outputs = ["logits", *self._present]
         self._has_positions = "position_ids" in spec.inputs
         self.fused = spec.graph_kind == "fused"  # its cache is a shared buffer, bound in place (host or device)
-        self._binding = None  # (the KV OrtValues it binds, an IOBinding): reused while a cache's buffers stay
+        # cache -> (the KV OrtValues bound, an IOBinding): reused while that cache's buffers stay the same; weak, so
+        # a finished generation's buffers are not kept alive by the session
+        self._bindings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         if self.fused:
             check_fused_support(spec, on_gpu)
         self.time_s = 0.0  # accumulated time inside ORT run calls
@@ -167,13 +170,15 @@ class ModelSession:
             logits = np.concatenate([self._bind_run(ids[r:r + 1], positions, bias, cache.bound(r))
                                      for r in range(b)])
         else:
-            logits = self._bind_run(ids, np.repeat(positions, b, axis=0), bias, cache.bound())
+            logits = self._bind_run(ids, np.repeat(positions, b, axis=0), bias, cache.bound(), cache)
         cache.advance(s)
         return logits
 
-    def _bind_run(self, ids: np.ndarray, positions: np.ndarray, bias: np.ndarray, kv: list) -> np.ndarray:
+    def _bind_run(self, ids: np.ndarray, positions: np.ndarray, bias: np.ndarray, kv: list,
+                  cache: KVCache | None = None) -> np.ndarray:
         b, s = ids.shape
-        if self._binding is None or self._binding[0] is not kv:
+        entry = self._bindings.get(cache) if cache is not None else None
+        if entry is None or entry[0] is not kv:
             # the KV buffers stay bound while they are the same (the cache hands out the same list until it
             # reallocates or changes rows): per call only the small inputs and the logits are bound
             binding = self._sess.io_binding()
@@ -181,8 +186,10 @@ class ModelSession:
             for past_name, present_name, t in zip(self._past, self._present, kv):
                 binding.bind_ortvalue_input(past_name, t)
                 binding.bind_ortvalue_output(present_name, t)
-            self._binding = (kv, binding)
-        binding = self._binding[1]
+            entry = (kv, binding)
+            if cache is not None:
+                self._bindings[cache] = entry
+        binding = entry[1]
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", np.ones((b, bias.shape[-1]), dtype=np.int64))
         binding.bind_cpu_input("position_ids", positions)

@@ -146,3 +146,20 @@ def test_fp16_copy_for_cuda_matches_fp32(fused, tmp_path, monkeypatch):
     got, want = half.forward(IDS, a), full.forward(IDS, b)
     assert got.dtype == np.float32 and np.abs(got - want).max() < 2e-2 * max(1.0, np.abs(want).max())
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
+def test_bindings_are_reused_and_released_with_their_cache(fused):
+    import gc
+
+    s = ModelSession(fused.target, threads=1)
+    c = s.new_cache()
+    s.forward(IDS[:4], c)
+    (kv, binding), = s._bindings.values()
+    s.forward([5], c)
+    assert s._bindings[c][1] is binding  # same buffers: the binding is kept, only small inputs rebound
+    c.repeat(2)
+    s.forward([[6], [7]], c)
+    assert s._bindings[c][1] is not binding  # new row count: new views, new binding
+    del c, kv, binding
+    gc.collect()
+    assert len(s._bindings) == 0  # a finished generation's KV buffers are not kept alive by the session
