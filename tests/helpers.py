@@ -15,6 +15,13 @@ CORPUS = [
     "0 1 2 3 4 5 6 7 8 9 hello world, hello again!",
     "def main(): return 42  # python source is a fine corpus",
 ]
+# Logits of a graph against PyTorch. A fused graph (ORT's GroupQueryAttention, SkipSimplifiedLayerNormalization)
+# differs by ~6e-6 on the dev machine but by up to 1.5e-3 (rel 3.4e-4) on the CI's CPU, with the same packages: it is
+# held to the export's own fused tolerance; the unfused standard graph stays within 1e-4 on both.
+def logits_atol(graph_kind: str) -> float:
+    return 2e-3 if graph_kind == "fused" else 1e-4
+
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 # With a tiny vocabulary the word-level tokenizer keeps the specials plus these words (vocab_size - 4 of them).
 TINY_WORDS = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l"]

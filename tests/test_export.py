@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from mjsd.runtime.bundle import MANIFEST, load_bundle
 from mjsd.runtime.cli import main
 from mjsd.runtime.errors import BundleError, ConfigError, ExportError
-from tests.helpers import make_checkpoint, make_tokenizer
+from tests.helpers import logits_atol, make_checkpoint, make_tokenizer
 
 torch = pytest.importorskip("torch")
 
@@ -74,14 +74,15 @@ def check_prefill_decode_and_rollback(spec, ckpt):
     l1, past = _run(sess, spec, prompt[None], empty)  # prefill
     l2, past = _run(sess, spec, draft[None], past)  # 4-token decode in one call
     ref = _torch_logits(ckpt, np.concatenate([prompt, draft]))
-    np.testing.assert_allclose(np.concatenate([l1[0], l2[0]]), ref, atol=1e-4)
+    atol = logits_atol(spec.graph_kind)
+    np.testing.assert_allclose(np.concatenate([l1[0], l2[0]]), ref, atol=atol)
     assert past[0][0].shape == (1, spec.num_kv_heads, 10, spec.head_dim)
 
     keep = 7  # rollback: keep the prompt and the first accepted draft token, then decode different tokens
     cropped = [(k[:, :, :keep], v[:, :, :keep]) for k, v in past]
     l3, _ = _run(sess, spec, other[None], cropped)
     ref = _torch_logits(ckpt, np.concatenate([prompt, draft[:1], other]))
-    np.testing.assert_allclose(l3[0], ref[keep:], atol=1e-4)
+    np.testing.assert_allclose(l3[0], ref[keep:], atol=atol)
 
 
 def test_manifest_records_the_models(llama_bundle, llama_checkpoints):
@@ -101,7 +102,8 @@ def test_manifest_records_the_models(llama_bundle, llama_checkpoints):
     assert t["num_parameters"] == sum(p.numel() for p in
                                       __import__("transformers").AutoModelForCausalLM.from_pretrained(
                                           llama_checkpoints[0]).parameters())
-    assert t["validation"]["max_abs_diff"] < 1e-4 and t["validation"]["top1_agreement"] == 1.0
+    assert t["validation"]["max_abs_diff"] < logits_atol(t.get("graph_kind", "standard"))
+    assert t["validation"]["top1_agreement"] == 1.0
     prov = m["provenance"]
     assert prov["sources"]["target"] == str(llama_checkpoints[0])
     assert prov["versions"]["onnxruntime"] and prov["versions"]["optimum-onnx"] and prov["created_utc"]

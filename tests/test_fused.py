@@ -11,6 +11,7 @@ from mjsd.runtime.bundle import load_bundle
 from mjsd.runtime.errors import BundleError, ExportError
 from mjsd.runtime.kvcache import KVCache
 from mjsd.runtime.session import ModelSession, check_fused_support
+from tests.helpers import logits_atol
 
 IDS = [1, 17, 42, 99, 7, 250, 3, 8, 11, 12]
 
@@ -40,8 +41,8 @@ def test_export_records_and_validates_the_fused_kind(fused, llama_checkpoints, t
 
     for role in ("target", "draft"):
         e = fused.manifest["models"][role]
-        assert e["graph_kind"] == "fused" and e["tree_attention"] and e["validation"]["rel"] < 1e-4
-        assert e["validation"]["tree"]["max_abs_diff"] < 1e-4
+        assert e["graph_kind"] == "fused" and e["tree_attention"] and e["validation"]["rel"] < 1e-3
+        assert e["validation"]["tree"]["max_abs_diff"] < logits_atol("fused")
         assert {"attention_mask", "position_ids", "attention_bias"} <= set(e["inputs"])
     std = export_bundle(*llama_checkpoints, tmp_path / "std", progress=False, graph_kind="standard")
     nodes = {kind: len(onnx.load(str(root / "target/model.onnx"), load_external_data=False).graph.node)

@@ -11,7 +11,8 @@ module (`/model/model/layers.0/self_attn/q_proj/MatMul` -> `model.layers.0.self_
 parameters (e.g. untrained all-ones norms) are stored once and aliased by Identity nodes. Every parameter must be
 matched with its exact shape; tied weights must agree. A fused-kind graph (export/fused_graph.py) names its
 initializers per layer instead, with q/k/v concatenated: `fused_weights` maps those back. Finally the rebuilt
-model's logits are compared with ONNX Runtime's on a few prompts (fails above 1e-4).
+model's logits are compared with ONNX Runtime's on a few prompts (fails above 1e-4, 2e-3 for a fused graph, whose
+kernels' rounding differs between CPUs).
 
     .venv/bin/python tools/bundle_to_hf.py runtime/builtin_bundle /tmp/builtin-hf
     # -> /tmp/builtin-hf/target, /tmp/builtin-hf/draft (each: config.json, model.safetensors, tokenizer files)
@@ -27,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-TOLERANCE = 1e-4
+TOLERANCE = {"standard": 1e-4, "fused": 2e-3}  # by graph kind
 PROMPTS = ("def fibonacci(n):\n", "import os\nimport sys\n\nclass Path", "    return self._cache[key]")
 
 
@@ -121,7 +122,7 @@ def ort_logits(model_path: Path, config, ids: np.ndarray) -> np.ndarray:
     return sess.run(["logits"], feed)[0]
 
 
-def verify(model, model_dir: Path, tokenizer) -> float:
+def verify(model, model_dir: Path, tokenizer, tolerance: float) -> float:
     import torch
 
     worst = 0.0
@@ -130,8 +131,8 @@ def verify(model, model_dir: Path, tokenizer) -> float:
         with torch.no_grad():
             hf = model(torch.from_numpy(ids)).logits.numpy()
         worst = max(worst, float(np.abs(hf - ort_logits(model_dir / "model.onnx", model.config, ids)).max()))
-    if worst > TOLERANCE:
-        raise SystemExit(f"{model_dir}: HF vs ORT logits differ by {worst:.2e} (> {TOLERANCE})")
+    if worst > tolerance:
+        raise SystemExit(f"{model_dir}: HF vs ORT logits differ by {worst:.2e} (> {tolerance})")
     return worst
 
 
@@ -148,7 +149,7 @@ def main(argv=None) -> None:
     for role, entry in manifest["models"].items():
         model_dir = (args.bundle / entry["path"]).parent
         model = rebuild(model_dir)
-        diff = verify(model, model_dir, tokenizer)
+        diff = verify(model, model_dir, tokenizer, TOLERANCE[entry.get("graph_kind", "standard")])
         dest = args.out / role
         model.save_pretrained(dest, safe_serialization=True)
         for f in tok_dir.iterdir():
