@@ -23,6 +23,9 @@ is outside every timing):
   (several bundles run interleaved in the same process: old vs new graphs as same-run ratios; rows and ratios are
   named `mjsd[LABEL] ...` then, the first bundle is the reference for "same tokens").
 Every prompt runs every system in turn, `--repeats` passes; wall time of one generation = prefill + decode.
+`--settle` seconds of idle precede every generation: a peer's spinning thread pool goes on burning a core for
+tens of ms after its call returns (measured: mjsd AR 1.72 ms/call alone, 2.33 right after an onnxruntime-genai
+generation, 1.76 after a 50 ms pause), which would charge one system for the one before it.
 tokens/s is reported over all generations and as the median generation's: thread pools that busy-wait (OpenMP in
 llama.cpp and torch, ORT's spinning) stall for seconds when another process takes a core, which the median ignores.
 A weights check compares the mjsd target's logits with the HF checkpoint's, and greedy tokens across systems.
@@ -253,6 +256,8 @@ def main() -> None:
     ap.add_argument("--beam-width", type=int, default=4)
     ap.add_argument("--tau", type=float, default=0.5)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--settle", type=float, default=0.1, help="idle seconds before each generation (another "
+                    "process's spinning threads must not be charged to the next system)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peer-threads", type=int, help="threads for HF and llama.cpp (default: 1 or --threads, "
                     "whichever is faster at start-up: their OpenMP pools busy-wait, see the module doc)")
@@ -286,7 +291,8 @@ def main() -> None:
     report = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "machine": platform.platform(),
               "cpu_count": os.cpu_count(), "versions": versions(), "threads": args.threads, "prompts": len(prompts),
               "max_new_tokens": n, "gamma": gamma, "beam_width": args.beam_width, "tau": args.tau,
-              "repeats": args.repeats, "bundles": {lb: str(e.bundle.root) for lb, e in engines.items()},
+              "repeats": args.repeats, "settle_s": args.settle,
+              "bundles": {lb: str(e.bundle.root) for lb, e in engines.items()},
               "reference": ref_name, "checkpoints": str(args.checkpoints),
               "peer_threads": "--peer-threads" if args.peer_threads else "the faster of 1 and --threads at start-up"}
     cache = args.peer_cache or default_cache(args.checkpoints)
@@ -326,6 +332,7 @@ def main() -> None:
                 for ids in ids_list:
                     cur = {}
                     for name, run in systems.items():
+                        time.sleep(args.settle)
                         r = cur[name] = run(ids, cur)
                         got = len(r["tokens"]) if "tokens" in r else r["n_tokens"]
                         if got != n and not (got > n and "tokens" not in r):  # llama.cpp spec may overshoot
