@@ -159,6 +159,15 @@ class KVCache:
             if n_rows > self.rows:
                 self._resize(n_rows, self.capacity)
             live = slice(0, self.length)
+            if axis == 0:
+                moves = [(r, int(i)) for r, i in enumerate(idx) if r != i]
+                if not {r for r, _ in moves} & {i for _, i in moves}:
+                    # no row is read after it is overwritten: copy just the rows that change (a beam step often
+                    # keeps most rows where they are), without a temporary of all of them
+                    for t in self.keys + self.values:
+                        for r, i in moves:
+                            t[r, :, live] = t[i, :, live]
+                    return
             for t in self.keys + self.values:
                 if axis == 0:
                     t[: len(idx), :, live] = t[idx, :, live]

@@ -67,10 +67,10 @@ def ban_tokens(logits: np.ndarray, banned_rows: Sequence[Sequence[int] | np.ndar
     out = np.array(logits, dtype=np.float32)
     rows = out.reshape(-1, out.shape[-1])
     for row, banned in zip(rows, banned_rows, strict=True):
-        banned = np.asarray(banned, dtype=np.int64)
+        banned = np.unique(np.asarray(banned, dtype=np.int64))
         banned = banned[banned < row.size]
-        if banned.size and np.isfinite(np.delete(row, banned)).any():  # never ban every token
-            row[banned] = -np.inf
+        if banned.size and np.count_nonzero(np.isfinite(row)) > np.count_nonzero(np.isfinite(row[banned])):
+            row[banned] = -np.inf  # (never ban every token)
     return out
 
 

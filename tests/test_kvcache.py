@@ -59,6 +59,23 @@ def test_repeat_and_gather():
         d.gather([3])
 
 
+def test_shared_buffer_gather_moves_rows_in_any_order():
+    """In place: only the rows that change are copied when no source is overwritten first; swaps and cycles take
+    the general path. Every order must equal the fancy-indexed rows of the live prefix."""
+    orders = [[0, 1, 2, 3], [0, 0, 1, 1], [1, 1, 3, 3], [3, 2, 1, 0], [1, 2, 3, 0], [2], [0], [3, 3, 3, 3], [1, 0]]
+    for idx in orders:
+        c = KVCache(2, 2, 3, 16, batch=4, shared=True, capacity=8)
+        c.reserve(5)
+        for t in c.keys + c.values:
+            t[...] = np.random.default_rng(len(idx)).normal(size=t.shape)
+        c.advance(5)
+        before = [a.copy() for a in c.arrays()]  # arrays() are views of the buffer
+        c.gather(idx)
+        assert c.batch == len(idx), idx
+        for got, want in zip(c.arrays(), before):
+            np.testing.assert_array_equal(got, want[idx], err_msg=str(idx))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_device_cache_ops_match_host_ops(dtype):
     """OrtValue caches (the GPU path) run every op as a Gather graph on their device; here the device is the CPU."""
