@@ -50,7 +50,8 @@ class NGramIndex:
 
     def banned(self, seq: Sequence[int], extra: Sequence[int] = ()) -> list[int]:
         n = self.n
-        tail = [int(t) for t in seq[max(0, len(seq) - n + 1):]] + [int(t) for t in extra]
+        extra = extra.tolist() if isinstance(extra, np.ndarray) else [int(t) for t in extra]
+        tail = [int(t) for t in seq[max(0, len(seq) - n + 1):]] + extra
         if len(seq) + len(extra) < n:
             return []
         key = tuple(tail[len(tail) - n + 1:])
@@ -67,10 +68,14 @@ def ban_tokens(logits: np.ndarray, banned_rows: Sequence[Sequence[int] | np.ndar
     out = np.array(logits, dtype=np.float32)
     rows = out.reshape(-1, out.shape[-1])
     for row, banned in zip(rows, banned_rows, strict=True):
-        banned = np.unique(np.asarray(banned, dtype=np.int64))
+        if len(banned) == 0:
+            continue
+        banned = np.asarray(banned, dtype=np.int64)
         banned = banned[banned < row.size]
-        if banned.size and np.count_nonzero(np.isfinite(row)) > np.count_nonzero(np.isfinite(row[banned])):
-            row[banned] = -np.inf  # (never ban every token)
+        kept = row[banned]
+        row[banned] = -np.inf
+        if row.max() == -np.inf:  # never ban every token
+            row[banned] = kept
     return out
 
 
