@@ -125,7 +125,9 @@ def decoder_feeds(io: dict[str, Any], ids: np.ndarray, past: dict[str, np.ndarra
 def _session(path: Path, providers: list[str]):
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
+    from mjsd.runtime.session import session_options  # the process's thread pool, shared or per session
+
+    opts = session_options()
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=providers)
 

@@ -503,6 +503,7 @@ def generate_cmd(prompt, prompt_file, bundle, algo, max_new_tokens, temperature,
                   stop=stop, ignore_eos=ignore_eos, mcsd_replacement=mcsd_replacement, mcsd_strategy=mcsd_strategy)
     if k_config is not None:
         params["k_config"] = k_config
+    _share_threads()
     engine = Engine.from_bundle(bundle, provider=provider.split(",") if provider else None, threads=threads, profile=profile,
                                 meter=None if meter == "none" else meter, power_budget=power_budget,
                                 objective=objective, **({"fp16": True} if fp16 else {}))
@@ -527,6 +528,18 @@ def generate_cmd(prompt, prompt_file, bundle, algo, max_new_tokens, temperature,
     _warn_if_budget_infeasible(stream.stats)
     if show_stats:
         click.echo(format_stats(stream.stats.to_dict()), err=True)
+
+
+def _share_threads() -> None:
+    """A model command owns its process: the target and the draft share one intra-op pool that spins between calls
+    (session.share_thread_pool; BENCHMARKS.md, thread policy). MJSD_THREAD_POOL=session gives each its own."""
+    choice = os.environ.get("MJSD_THREAD_POOL", "shared")
+    if choice not in ("shared", "session"):
+        raise click.UsageError(f"MJSD_THREAD_POOL={choice!r}: use 'shared' (the default) or 'session'")
+    if choice == "shared":
+        from .session import share_thread_pool
+
+        share_thread_pool()
 
 
 def _warn_if_budget_infeasible(stats) -> None:
@@ -567,6 +580,7 @@ def serve_cmd(bundle, host, port, profile, power_budget, api_key, max_queue, tim
         raise MjsdError(f"the server is not installed ({e}); install it with: pip install 'mjsd[serve]'")
     from .engine import Engine
 
+    _share_threads()
     engine = Engine.from_bundle(bundle, provider=provider.split(",") if provider else None, threads=threads,
                                 profile=profile, meter=None if meter == "none" else meter, power_budget=power_budget)
     serve(engine, host, port, Settings(api_key=api_key, max_queue=max_queue, timeout_s=timeout,
@@ -621,6 +635,7 @@ def bench_cmd(bundle, prompts_file, limit, algos, temperatures, top_k, top_p, ma
         beam_width=beam_width, tau=tau, draft_p_min=draft_p_min, no_repeat_ngram_size=no_repeat_ngram_size,
         tune=tune, seed=0))) for t in temps for a in algo_list]
     prompts = load_prompts(prompts_file, limit)
+    _share_threads()
     engine = Engine.from_bundle(bundle, threads=threads, meter=None if meter == "none" else meter)
     with tqdm(total=len(prompts) * len(configs), desc="bench", unit="gen", file=sys.stderr,
               disable=as_json) as bar:
@@ -711,6 +726,7 @@ def profile_cmd(out, resume_dir, force, bundle, prompts_file, limit, algos, beam
                          warmup=warmup, force=force, references=load_references(prompts_file, limit))
         click.echo(f"{len(cells)} configurations x {len(prompts)} prompts x {repeats} repeat(s) -> {run}", err=True)
     bar = tqdm(desc="profile", unit="gen", file=sys.stderr)
+    _share_threads()
     try:
         final = run_sweep(run, on_start=lambda n: bar.reset(total=n), on_step=bar.update)
     except KeyboardInterrupt:

@@ -223,7 +223,9 @@ def _device_gather(n: int, axis: int, dtype: str, device: tuple[str, int]):
         [helper.make_tensor_value_info(f"y{i}", elem, None) for i in range(n)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
     provider = ("CUDAExecutionProvider", {"device_id": device[1]}) if device[0] == "cuda" else "CPUExecutionProvider"
-    sess = ort.InferenceSession(model.SerializeToString(), providers=[provider])
+    from .session import session_options  # the process's thread pool (ORT refuses a pool of its own once shared)
+
+    sess = ort.InferenceSession(model.SerializeToString(), session_options(), providers=[provider])
 
     def gather(tensors: list, idx: np.ndarray) -> list:
         binding = sess.io_binding()

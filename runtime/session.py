@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import weakref
 
@@ -34,7 +35,40 @@ from .providers import ORT_NAMES, provider_options, select_providers
 log = logging.getLogger(__name__)
 
 
-SPINNING = ("run", "on", "off")  # intra-op thread spinning policies (ModelSession)
+SPINNING = ("run", "on", "off")  # per-session intra-op thread policies (ModelSession)
+_pool = {"wanted": False, "threads": None}  # the process-wide intra-op pool: opted in, and its size once created
+_pool_lock = threading.Lock()
+
+
+def share_thread_pool() -> None:
+    """Run every ModelSession this process creates from now on on one intra-op pool (ONNX Runtime's global thread
+    pool), sized by the first session's thread count, spinning between calls: the target and the draft alternate
+    on the same warm threads (tools/bench_threads.py: AR 1.05x, SpS 1.2x, MTAD 1.05x against per-session "run"
+    pools). ONNX Runtime then refuses any session with a pool of its own, so only a process whose sessions all come
+    from mjsd may opt in: the CLI's model commands do, unless MJSD_THREAD_POOL=session."""
+    _pool["wanted"] = True
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """SessionOptions on the process-wide pool once it exists or is wanted (sized by `threads` if this creates it),
+    else with `threads` intra-op threads of its own. Every ORT session mjsd makes goes through here."""
+    opts = ort.SessionOptions()
+    with _pool_lock:
+        if _pool["wanted"] and _pool["threads"] is None:
+            try:
+                ort.set_global_thread_pool_sizes(threads or 0, 1)
+            except Exception as e:  # noqa: BLE001 - other code created ORT's global pools: use them as they are
+                log.warning("intra-op threads: ONNX Runtime's global pool already exists (%s)", e)
+            _pool["threads"] = threads or 0
+        if _pool["threads"] is not None:
+            if threads and threads != _pool["threads"]:
+                log.warning("intra-op threads: this process shares one pool of %s; %d asked for",
+                            _pool["threads"] or "ONNX Runtime's default", threads)
+            opts.use_per_session_threads = False
+            return opts
+    if threads:
+        opts.intra_op_num_threads = threads
+    return opts
 
 
 class ModelSession:
@@ -54,19 +88,21 @@ class ModelSession:
             log.warning("%s model: a float32 fused graph on %s runs as its fp16 copy (converted once, cached)",
                         spec.role, chosen[0])
             spec = fp16_spec(spec)
-        opts = ort.SessionOptions()
+        opts = session_options(threads)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3  # ORT's own warnings (e.g. unused initializers) are noise for users
-        if threads:
-            opts.intra_op_num_threads = threads
-        # intra-op threads that spin wake sooner but burn the cores meanwhile. "run" (the default): spin within a
-        # call, stop when it returns (force_spinning_stop), so target and draft calls do not steal each other's
-        # cores; "on": spin between calls too (ORT's default: as fast for AR, 0.6x for SpS/MTAD); "off": never
-        # (0.54x for AR, 0.8x for SpS/MTAD). Measured with tools/bench_threads.py (BENCHMARKS.md, thread policy).
+        # Per-session pools (tools/bench_threads.py, BENCHMARKS.md "thread policy"): "run" (the default) spins
+        # within a call and stops when it returns, so target and draft calls do not steal each other's cores; "on"
+        # spins between calls too (two such pools fight: SpS/MTAD 0.6x); "off" never spins (AR 0.54x). A process
+        # that shares one pool (share_thread_pool) spins between calls on it instead: "shared".
         if spinning not in SPINNING:
             raise ConfigError(f"spinning={spinning!r}: choose one of {', '.join(SPINNING)}")
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if spinning == "off" else "1")
-        opts.add_session_config_entry("session.force_spinning_stop", "1" if spinning == "run" else "0")
+        if opts.use_per_session_threads:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if spinning == "off" else "1")
+            opts.add_session_config_entry("session.force_spinning_stop", "1" if spinning == "run" else "0")
+        else:
+            spinning = "shared"
+        self.spinning = spinning  # the policy in effect
         provs = [(name, provider_options(name, spec, max_context=spec.max_context, max_batch=max_batch, fp16=fp16,
                                          engine_cache_path=engine_cache_path, device_id=device_id))
                  for name in chosen]

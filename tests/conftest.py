@@ -15,7 +15,14 @@ Checkpoint folders (for PyTorch references): llama_checkpoints, gpt2_checkpoints
 """
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The CLI's model commands share one ORT thread pool per process, after which ORT refuses sessions with pools of their
+# own; the tests run CLI commands in this process next to plain sessions, so they keep per-session pools here
+# (tests/test_threads.py covers the shared pool in subprocesses).
+os.environ.setdefault("MJSD_THREAD_POOL", "session")
 
 TINY_VOCAB = 12
 

@@ -1,11 +1,12 @@
-"""Thread policy: tokens/s of AR, SpS and MTAD under each intra-op spinning policy and thread count.
+"""Thread policy: tokens/s of AR, SpS and MTAD under each intra-op thread policy and thread count.
 
-    python tools/bench_threads.py [--bundle B] [--policies off,run,on] [--threads 1,2] [--prompts 8] [--rounds 3]
+    python tools/bench_threads.py [--bundle B] [--policies shared,off,run,on] [--threads 1,2] [--prompts 8] [--rounds 3]
 
-A spinning session slows every other session in its process (and on its cores), so each (policy, threads) runs in
-its own process, one at a time; the combinations are cycled `--rounds` times in order (A B C A B C ...) so slow
-drift of the machine hits all of them alike, and the median tokens/s per combination is printed. Greedy, 64 tokens,
-EOS ignored, online tuning off (fixed work per configuration). Wrap in `flock /tmp/mjsd-bench.lock`.
+Policies: "shared" (one process-wide pool spinning between calls, the CLI's default) and the per-session "run",
+"on" and "off" (session.py). A spinning session slows every other session in its process (and on its cores), so
+each (policy, threads) runs in its own process, one at a time; the combinations are cycled `--rounds` times in
+order (A B C A B C ...) so slow drift of the machine hits all of them alike, and the median tokens/s per
+combination is printed. Greedy, 64 tokens, EOS ignored, online tuning off (fixed work per configuration). Wrap in `flock /tmp/mjsd-bench.lock`.
 """
 from __future__ import annotations
 
@@ -22,7 +23,12 @@ def child(bundle: str | None, policy: str, threads: int, prompts: int) -> dict[s
     from mjsd.runtime.bench import load_prompts
     from mjsd.runtime.engine import Engine
 
-    engine = Engine.from_bundle(bundle, threads=threads, meter=None, spinning=policy)
+    if policy == "shared":  # the CLI's default: one process-wide pool (session.share_thread_pool)
+        from mjsd.runtime.session import share_thread_pool
+
+        share_thread_pool()
+    engine = Engine.from_bundle(bundle, threads=threads, meter=None,
+                                spinning="run" if policy == "shared" else policy)
     texts = load_prompts(limit=prompts)
     out = {}
     for algo in ALGOS:
@@ -39,7 +45,7 @@ def child(bundle: str | None, policy: str, threads: int, prompts: int) -> dict[s
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle")
-    ap.add_argument("--policies", default="off,run,on")
+    ap.add_argument("--policies", default="shared,off,run,on")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
