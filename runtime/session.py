@@ -43,7 +43,7 @@ _pool_lock = threading.Lock()
 def share_thread_pool() -> None:
     """Run every ModelSession this process creates from now on on one intra-op pool (ONNX Runtime's global thread
     pool), sized by the first session's thread count, spinning between calls: the target and the draft alternate
-    on the same warm threads (tools/bench_threads.py: AR 1.05x, SpS 1.2x, MTAD 1.05x against per-session "run"
+    on the same warm threads (tools/bench_threads.py: AR 1.03x, SpS 1.15x, MTAD 1.11x against per-session "run"
     pools). ONNX Runtime then refuses any session with a pool of its own, so only a process whose sessions all come
     from mjsd may opt in: the CLI's model commands do, unless MJSD_THREAD_POOL=session."""
     _pool["wanted"] = True

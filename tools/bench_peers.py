@@ -174,14 +174,16 @@ def weights_check(engine: Engine, hf: HF, ids: list[int]) -> dict:
     return out
 
 
-def graph_cost(path: Path, threads: int, past: int = 128, reps: int = 200) -> dict:
-    """Nodes and ms per 1-token call (past `past`) of one graph in plain onnxruntime, same session options."""
+def graph_session(path: Path, threads: int, past: int = 128) -> tuple:
+    """A plain onnxruntime session over one graph, the feeds of a 1-token call after `past`, and its node summary."""
     import onnx
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    from mjsd.runtime.session import session_options
+
+    so = session_options(threads)  # the run's thread pool (shared: ORT refuses a pool of the session's own)
+    if so.use_per_session_threads:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     feeds = {}
     for i in sess.get_inputs():
@@ -197,15 +199,32 @@ def graph_cost(path: Path, threads: int, past: int = 128, reps: int = 200) -> di
             head = i.shape[3] if isinstance(i.shape[3], int) else json.loads(
                 (path.parent / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
             feeds[i.name] = np.zeros((1, i.shape[1], past, head), np.float32)
-    for _ in range(20):
-        sess.run(None, feeds)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        sess.run(None, feeds)
     ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
     fused = sorted({o for o in ops if o in ("GroupQueryAttention", "SkipSimplifiedLayerNormalization",
                                             "SimplifiedLayerNormalization", "RotaryEmbedding", "MultiHeadAttention")})
-    return {"nodes": len(ops), "fused_ops": fused, "ms_per_call": 1e3 * (time.perf_counter() - t0) / reps}
+    return sess, feeds, {"nodes": len(ops), "fused_ops": fused}
+
+
+def graph_costs_of(paths: dict[str, Path], threads: int, reps: int = 200) -> dict:
+    """Nodes and median ms per 1-token call (past 128) of each graph in plain onnxruntime, same session options,
+    the graphs' calls interleaved so machine drift hits them alike; a graph it cannot feed gets its error instead."""
+    out, runs = {}, {}
+    for name, path in paths.items():
+        try:
+            sess, feeds, out[name] = graph_session(path, threads)
+            for _ in range(20):
+                sess.run(None, feeds)
+            runs[name] = (sess, feeds, [])
+        except Exception as e:  # noqa: BLE001 - a side table; the run's results must still be written
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:200]}
+    for _ in range(reps):
+        for sess, feeds, times in runs.values():
+            t0 = time.perf_counter()
+            sess.run(None, feeds)
+            times.append(time.perf_counter() - t0)
+    for name, (_, _, times) in runs.items():
+        out[name]["ms_per_call"] = 1e3 * statistics.median(times)
+    return out
 
 
 def default_cache(checkpoints: Path) -> Path:
@@ -256,6 +275,8 @@ def main() -> None:
     ap.add_argument("--beam-width", type=int, default=4)
     ap.add_argument("--tau", type=float, default=0.5)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--thread-pool", choices=("shared", "session"), default="shared",
+                    help="mjsd's intra-op threads: one process-wide pool as the CLI uses (default), or per session")
     ap.add_argument("--settle", type=float, default=0.1, help="idle seconds before each generation (another "
                     "process's spinning threads must not be charged to the next system)")
     ap.add_argument("--threads", type=int, default=2)
@@ -278,6 +299,10 @@ def main() -> None:
                              "one with tools/bundle_to_hf.py BUNDLE OUT and give --checkpoints OUT")
 
     n, gamma = args.max_new_tokens, args.gamma
+    if args.thread_pool == "shared":
+        from mjsd.runtime.session import share_thread_pool
+
+        share_thread_pool()
     bundles = parse_bundles(args.bundle)
     engines = {label: Engine.from_bundle(path, threads=args.threads, meter=None) for label, path in bundles.items()}
     prefix = {label: "mjsd" if len(engines) == 1 else f"mjsd[{label}]" for label in engines}
@@ -291,7 +316,7 @@ def main() -> None:
     report = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "machine": platform.platform(),
               "cpu_count": os.cpu_count(), "versions": versions(), "threads": args.threads, "prompts": len(prompts),
               "max_new_tokens": n, "gamma": gamma, "beam_width": args.beam_width, "tau": args.tau,
-              "repeats": args.repeats, "settle_s": args.settle,
+              "repeats": args.repeats, "settle_s": args.settle, "thread_pool": args.thread_pool,
               "bundles": {lb: str(e.bundle.root) for lb, e in engines.items()},
               "reference": ref_name, "checkpoints": str(args.checkpoints),
               "peer_threads": "--peer-threads" if args.peer_threads else "the faster of 1 and --threads at start-up"}
@@ -362,18 +387,9 @@ def main() -> None:
 
 
 def graph_costs(engines: dict, prefix: dict, role: str, cache: Path, threads: int) -> dict:
-    out = {f"{prefix[lb]} ({e.bundle.model(role).graph_kind})": safe_graph_cost(e.bundle.model(role).path, threads)
-           for lb, e in engines.items()}
-    out["onnxruntime-genai builder"] = safe_graph_cost(cache / role / "model.onnx", threads)
-    return out
-
-
-def safe_graph_cost(path: Path, threads: int) -> dict:
-    """graph_cost, or why not (a graph whose inputs it does not know how to feed)."""
-    try:
-        return graph_cost(path, threads)
-    except Exception as e:  # noqa: BLE001 - a side table; the run's results must still be written
-        return {"error": f"{type(e).__name__}: {e}"[:200]}
+    paths = {f"{prefix[lb]} ({e.bundle.model(role).graph_kind})": e.bundle.model(role).path for lb, e in engines.items()}
+    paths["onnxruntime-genai builder"] = cache / role / "model.onnx"
+    return graph_costs_of(paths, threads)
 
 
 def mjsd_run(engine: Engine, ids: list[int], cfg: GenerationConfig) -> dict:
@@ -490,7 +506,7 @@ def markdown(r: dict) -> str:
                      f"{f(s.get('mean_accepted_length'), '.2f')} | {f(s.get('ms_per_target_call'), '.2f')} | "
                      f"{f(s.get('ms_per_draft_call'), '.3f')} | {f(s.get('same_tokens_as_reference'), '.0%')} |")
     if "graph_costs" in r:
-        lines += ["", "| graph (1 token, past 128, plain onnxruntime) | nodes | fused ops | ms/call |",
+        lines += ["", "| graph (1 token, past 128, plain onnxruntime, interleaved) | nodes | fused ops | median ms/call |",
                   "|---|---|---|---|"]
         for role, g in r["graph_costs"].items():
             for name, c in g.items():
