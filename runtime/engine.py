@@ -22,7 +22,7 @@ from __future__ import annotations
 import numbers
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -118,14 +118,35 @@ class TextStream:
         self._cancelled.set()
 
     def _generate(self) -> Iterator[str]:
+        detok = Detokenizer(self._engine.decode)
         for new in self._engine._rounds(self._prompt, self._cfg, self.stats, self._cancelled):
             self.tokens += new
-            text = self._engine.decode(self.tokens)
-            if text.endswith("\ufffd") and self.stats.finish_reason == "":
-                continue  # an incomplete UTF-8 sequence: wait for the next round
-            piece, self.text = text[len(self.text):], text
+            piece = detok.add(new, final=self.stats.finish_reason != "")
+            self.text += piece
             if piece:
                 yield piece
+
+
+class Detokenizer:
+    """Text of a growing token list, piece by piece, decoding only a window at each step (vLLM's incremental
+    detokenization), so a round costs the same at token 10 and at token 4000 instead of re-decoding everything.
+
+    The window starts at the previous piece's first token: decoders that strip or merge at the start of a string
+    (SentencePiece's leading space) treat both decodes alike, and the difference is exactly the new text. A piece is
+    held back while it ends in an incomplete UTF-8 sequence (U+FFFD), unless it is the last one."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode, self.tokens = decode, []
+        self.prefix = self.read = 0  # window start, and where the text released so far ends
+
+    def add(self, new: list[int], final: bool = False) -> str:
+        self.tokens += new
+        before = self.decode(self.tokens[self.prefix:self.read])
+        text = self.decode(self.tokens[self.prefix:])
+        if len(text) <= len(before) or (text.endswith("\ufffd") and not final):
+            return ""
+        self.prefix, self.read = self.read, len(self.tokens)
+        return text[len(before):]
 
 
 class Engine:
