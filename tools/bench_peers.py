@@ -19,7 +19,8 @@ is outside every timing):
   round may overshoot -n by up to K tokens, so every tokens/s is tokens generated / seconds); served by
   tools/peer_llamacpp_worker.py. llama.cpp and HF run with 1 or --threads threads, whichever is faster at start-up.
 - mjsd: `Engine.generate` (the product API, text streaming included) with ar, sps and mtad as the peers run theirs
-  (fixed gamma: online tuning off, no n-gram ban, no early draft stop), for every --bundle
+  (fixed gamma: online tuning off, no n-gram ban, no early draft stop), and `mtad-defaults` (no parameters: what a
+  user gets, n-gram ban and online tuning on, so its tokens differ from AR's), for every --bundle
   (several bundles run interleaved in the same process: old vs new graphs as same-run ratios; rows and ratios are
   named `mjsd[LABEL] ...` then, the first bundle is the reference for "same tokens").
 Every prompt runs every system in turn, `--repeats` passes; wall time of one generation = prefill + decode.
@@ -312,6 +313,9 @@ def main() -> None:
     base = dict(max_new_tokens=n, ignore_eos=True, gamma=gamma, beam_width=args.beam_width, tau=args.tau, **PLAIN)
     systems = {f"{prefix[label]} {a}": (lambda ids, cur, e=e, a=a: mjsd_run(e, ids, GenerationConfig(algo=a, **base)))
                for label, e in engines.items() for a in ("ar", "sps", "mtad")}
+    for label, e in engines.items():  # what a user gets with no parameters (n-gram ban and online tuning on)
+        systems[f"{prefix[label]} mtad-defaults"] = (lambda ids, cur, e=e: mjsd_run(
+            e, ids, GenerationConfig(algo="mtad", max_new_tokens=n, ignore_eos=True)))
     ref_name = f"{prefix[next(iter(engines))]} ar"
     report = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "machine": platform.platform(),
               "cpu_count": os.cpu_count(), "versions": versions(), "threads": args.threads, "prompts": len(prompts),
@@ -449,7 +453,8 @@ def ratios(systems: dict, mjsd: list[str], key: str = "tokens_per_s") -> dict:
                   (f"{p} ar", "ortgenai ar"), (f"{p} mtad", "ortgenai ar"), (f"{p} sps", "ortgenai spec"),
                   (f"{p} mtad", "ortgenai spec"), (f"{p} ar", "llamacpp ar"), (f"{p} mtad", "llamacpp ar"),
                   (f"{p} sps", "llamacpp spec"), (f"{p} mtad", "llamacpp spec"), (f"{p} sps", f"{p} ar"),
-                  (f"{p} mtad", f"{p} ar")]
+                  (f"{p} mtad", f"{p} ar"), (f"{p} mtad-defaults", "ortgenai ar"),
+                  (f"{p} mtad-defaults", f"{p} sps")]
     for p in mjsd[1:]:
         pairs += [(f"{p} {a}", f"{mjsd[0]} {a}") for a in ("ar", "sps", "mtad")]
     pairs += [("hf assisted", "hf ar"), ("ortgenai spec", "ortgenai ar"), ("llamacpp spec", "llamacpp ar")]
