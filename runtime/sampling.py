@@ -28,7 +28,8 @@ def softmax(x: np.ndarray) -> np.ndarray:
 def log_softmax(x: np.ndarray) -> np.ndarray:
     z = x - np.max(x, axis=-1, keepdims=True)
     with np.errstate(divide="ignore"):
-        return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
+        z -= np.log(np.sum(np.exp(z), axis=-1, keepdims=True))  # in place: one temporary fewer (a draft step's)
+    return z
 
 
 def _top_k_indices(x: np.ndarray, k: int) -> np.ndarray:

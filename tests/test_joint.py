@@ -83,6 +83,39 @@ def test_sample_distinct_is_sequential_sampling_without_replacement():
         assert abs(c / n - exact) < 4 * np.sqrt(exact / n) + 1e-3
 
 
+def _whole_table_step(cum, logq, width, greedy):
+    """beam_search_step by ranking every (beam, token) pair: the reference for its per-beam candidate shortcut."""
+    flat = (cum[:, None] + logq).ravel()
+    order = sorted(range(flat.size), key=lambda i: (-flat[i], i))  # best first, the lower index on ties
+    picked = np.array([i for i in order if np.isfinite(flat[i])][:width], dtype=np.int64)
+    if greedy >= 0:
+        pair = greedy * logq.shape[1] + int(np.argmax(logq[greedy]))
+        if pair in picked:
+            greedy = int(np.flatnonzero(picked == pair)[0])
+        elif len(picked) >= 2:
+            picked[-1], greedy = pair, len(picked) - 1
+        else:
+            greedy = -1
+    parents, tokens = np.divmod(picked, logq.shape[1])
+    return parents, tokens, flat[picked], greedy
+
+
+def test_beam_search_step_equals_ranking_the_whole_table():
+    """Random tables with ties, filtered (-inf) tokens, rows with fewer finite tokens than the width, every greedy
+    beam: the same pairs, order, scores and greedy index as ranking all B x V pairs."""
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        b, v, width = int(rng.integers(1, 5)), int(rng.integers(1, 12)), int(rng.integers(1, 7))
+        logq = np.round(rng.normal(size=(b, v)), 1).astype(np.float32)
+        logq[rng.random((b, v)) < 0.3] = -np.inf
+        logq[np.arange(b), rng.integers(0, v, b)] = 0.0  # every beam keeps one token
+        cum, greedy = np.round(rng.normal(size=b), 1), int(rng.integers(-1, b))
+        got, want = beam_search_step(cum, logq, width, greedy), _whole_table_step(cum, logq, width, greedy)
+        for g, w in zip(got[:3], want[:3]):
+            np.testing.assert_array_equal(g, w)
+        assert got[3] == want[3]
+
+
 def test_beam_sample_step():
     rng = np.random.default_rng(1)
     q1, q2 = _greedy_trap()

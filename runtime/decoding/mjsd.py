@@ -27,26 +27,27 @@ def draft_beams(ctx: DecodeContext, sampling: bool) -> tuple[np.ndarray, np.ndar
     Stops early (adaptive draft length) once the best beam's last token had draft probability below
     cfg.draft_p_min: acceptance of what would follow is unlikely. Leaves the draft cache at that beam's row (its last
     token unfed)."""
-    cache, width, p_min = ctx.draft_cache, ctx.cfg.beam_width, ctx.cfg.draft_p_min
+    cache, width, p_min, gamma = ctx.draft_cache, ctx.cfg.beam_width, ctx.cfg.draft_p_min, ctx.cfg.gamma
     feed = [ctx.unfed(cache)]
-    beams, logq_hist = np.zeros((1, 0), np.int64), np.zeros((1, 0))
-    cum, greedy = np.zeros(1), 0
-    for s in range(ctx.cfg.gamma):
-        if s:
+    beams, logq_hist = np.zeros((width, gamma), np.int64), np.zeros((width, gamma))  # rows: the live beams
+    cum, greedy, n = np.zeros(1), 0, 0
+    while n < gamma:
+        if n:
             cache.gather(parents)
-        logq = score(ctx, ctx.no_repeat(ctx.draft.forward(feed, cache)[:, -1], beams))
+        logq = score(ctx, ctx.no_repeat(ctx.draft.forward(feed, cache)[:, -1], beams[: len(cum), :n]))
         if sampling:
             parents, tokens, cum, greedy = beam_sample_step(ctx.rng, cum, np.exp(logq), width, greedy)
         else:
             parents, tokens, cum, greedy = beam_search_step(cum, logq, width, greedy)
-        beams = np.column_stack([beams[parents], tokens])
-        logq_hist = np.column_stack([logq_hist[parents], logq[parents, tokens]])
-        feed = tokens[:, None]
-        if p_min and draft_should_stop(cum, logq_hist[:, -1], p_min):
+        k = len(parents)
+        beams[:k, :n], logq_hist[:k, :n] = beams[parents, :n], logq_hist[parents, :n]
+        beams[:k, n], logq_hist[:k, n] = tokens, logq[parents, tokens]
+        feed, n = tokens[:, None], n + 1
+        if p_min and draft_should_stop(cum, logq_hist[:k, n - 1], p_min):
             break
     best = int(np.argmax(cum))
     cache.gather([parents[best]])
-    return beams[best], logq_hist[best]
+    return beams[best, :n], logq_hist[best, :n]
 
 
 def draft_should_stop(cum_logq: np.ndarray, last_logq: np.ndarray, p_min: float) -> bool:
