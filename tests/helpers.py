@@ -17,9 +17,10 @@ CORPUS = [
 ]
 # Logits of a graph against PyTorch. A fused graph (ORT's GroupQueryAttention, SkipSimplifiedLayerNormalization)
 # differs by ~6e-6 on the dev machine but by up to 1.5e-3 (rel 3.4e-4) on the CI's CPU, with the same packages: it is
-# held to the export's own fused tolerance; the unfused standard graph stays within 1e-4 on both.
+# held to about the export's own fused tolerance (rel 1e-3 of logits up to ~4.5 here); the unfused standard graph
+# stays within 1e-4 on both. A real fault (a wrong rotary position, a swapped weight) is off by 0.1 or more.
 def logits_atol(graph_kind: str) -> float:
-    return 2e-3 if graph_kind == "fused" else 1e-4
+    return 5e-3 if graph_kind == "fused" else 1e-4
 
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]

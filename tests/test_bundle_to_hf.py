@@ -21,7 +21,7 @@ def _rebuild_and_compare(bundle, llama_checkpoints, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    _tool().main([str(bundle), str(tmp_path)])  # also checks HF vs ORT logits (1e-4, fused 2e-3)
+    _tool().main([str(bundle), str(tmp_path)])  # also checks HF vs ORT logits (1e-4, fused 5e-3)
     for role, src in zip(("target", "draft"), llama_checkpoints):
         want = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).state_dict()
         got = AutoModelForCausalLM.from_pretrained(tmp_path / role, dtype=torch.float32).state_dict()

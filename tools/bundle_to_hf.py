@@ -11,7 +11,7 @@ module (`/model/model/layers.0/self_attn/q_proj/MatMul` -> `model.layers.0.self_
 parameters (e.g. untrained all-ones norms) are stored once and aliased by Identity nodes. Every parameter must be
 matched with its exact shape; tied weights must agree. A fused-kind graph (export/fused_graph.py) names its
 initializers per layer instead, with q/k/v concatenated: `fused_weights` maps those back. Finally the rebuilt
-model's logits are compared with ONNX Runtime's on a few prompts (fails above 1e-4, 2e-3 for a fused graph, whose
+model's logits are compared with ONNX Runtime's on a few prompts (fails above 1e-4, 5e-3 for a fused graph, whose
 kernels' rounding differs between CPUs).
 
     .venv/bin/python tools/bundle_to_hf.py runtime/builtin_bundle /tmp/builtin-hf
@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-TOLERANCE = {"standard": 1e-4, "fused": 2e-3}  # by graph kind
+TOLERANCE = {"standard": 1e-4, "fused": 5e-3}  # by graph kind
 PROMPTS = ("def fibonacci(n):\n", "import os\nimport sys\n\nclass Path", "    return self._cache[key]")
 
 
