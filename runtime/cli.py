@@ -17,6 +17,10 @@ EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 _NO_ARGS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
+THREADS_HELP = ("Intra-op threads of the pool the target and the draft share (default: ONNX Runtime's, the physical "
+                "cores); MJSD_THREAD_POOL=session gives each model a pool of its own.")
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -479,7 +483,7 @@ def format_stats(stats: dict) -> str:
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-text token.")
 @click.option("--provider", help="Execution provider preference, comma-separated: tensorrt,cuda,cpu "
               "(default: the profile's, else cpu).")
-@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads per session (default: ONNX Runtime's).")
+@click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP)
 @click.option("--fp16", is_flag=True, help="GPU: TensorRT fp16 engines; a float32 fused bundle runs as its fp16 copy "
               "(converted once, cached). The built-in bundle does this by itself.")
 @click.option("--profile", help="Device profile (name or .toml path).")
@@ -566,7 +570,7 @@ def _warn_if_budget_infeasible(stats) -> None:
 @click.option("--grace-period", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="On SIGTERM: seconds in-flight requests get to finish before they are cancelled.")
 @click.option("--provider", help="Execution provider preference, comma-separated: tensorrt,cuda,cpu.")
-@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads per session (default: ONNX Runtime's).")
+@click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP)
 @click.option("--meter", type=click.Choice(["auto", "jetson", "nvml", "rapl", "estimate", "none"]), default="auto",
               show_default=True, help="Energy meter ('none': no energy accounting).")
 @click.option("--model-name", help="The model id clients ask for (default: the bundle's folder name, "
@@ -608,7 +612,7 @@ def serve_cmd(bundle, host, port, profile, power_budget, api_key, max_queue, tim
 @click.option("--no-repeat-ngram-size", type=int, default=GenerationConfig.no_repeat_ngram_size, show_default=True)
 @click.option("--tune/--no-tune", default=True, show_default=True,
               help="Online tuning of gamma and beam width (the Engine keeps learning across the run's generations).")
-@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads per session.")
+@click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP)
 @click.option("--meter", type=click.Choice(["auto", "jetson", "nvml", "rapl", "estimate", "none"]), default="auto",
               show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the summaries as JSON.")
@@ -693,7 +697,7 @@ def _list(kind):
               help="Passes over the prompt set per configuration.")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
               help="Unmeasured generations per configuration before timing.")
-@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads per session.")
+@click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP)
 @click.option("--profile", "device_profile", help="Device profile (name or .toml path): meters, budgets.")
 @click.option("--meter", type=click.Choice(["auto", "jetson", "nvml", "rapl", "estimate", "none"]), default="auto",
               show_default=True)
