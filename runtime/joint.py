@@ -78,17 +78,9 @@ def beam_search_step(cum_logq: np.ndarray, logq: np.ndarray, width: int, greedy_
     greedy_beam: the beam that is the greedy chain (-1: none), kept among the results.
     Returns (parents [W'], tokens [W'], new cum_logq [W'], new greedy beam), best first, W' = min(width, finite pairs).
     """
-    if width > 8:
-        scores = cum_logq[:, None] + logq
-        flat = scores.ravel()
-        n = min(width, int(np.isfinite(flat).sum()))  # filtered-out tokens never make a beam
-        picked = top_indices(flat, n)
-        picked, greedy = _keep_greedy(picked, greedy_beam, logq)
-        parents, tokens = np.divmod(picked, logq.shape[1])
-        return parents, tokens, flat[picked], greedy
     # The `width` best pairs lie among each beam's `width` best children: find those by argmax passes over a copy
-    # (each pass blanks its pick), rank the B x width candidates only. Same result as ranking the whole table; a
-    # draft step runs this 16 times a round, and the fewer NumPy calls are what it costs.
+    # (each pass blanks its pick), rank the B x width candidates only. Same result as ranking the whole table, with
+    # fewer NumPy calls for the few beams a draft keeps (a draft step runs this 16 times a round).
     b, v = logq.shape
     rows, work = np.arange(b), np.array(logq)
     kids, vals = np.empty((b, min(width, v)), np.int64), np.empty((b, min(width, v)), logq.dtype)

@@ -105,7 +105,7 @@ def test_beam_search_step_equals_ranking_the_whole_table():
     beam: the same pairs, order, scores and greedy index as ranking all B x V pairs."""
     rng = np.random.default_rng(0)
     for _ in range(3000):
-        b, v, width = int(rng.integers(1, 5)), int(rng.integers(1, 12)), int(rng.integers(1, 7))
+        b, v, width = int(rng.integers(1, 5)), int(rng.integers(1, 12)), int(rng.integers(1, 11))
         logq = np.round(rng.normal(size=(b, v)), 1).astype(np.float32)
         logq[rng.random((b, v)) < 0.3] = -np.inf
         logq[np.arange(b), rng.integers(0, v, b)] = 0.0  # every beam keeps one token
