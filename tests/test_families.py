@@ -136,19 +136,26 @@ def _tree_params():
             yield f if f in FAST_TREE else pytest.param(f, marks=pytest.mark.slow)
 
 
-@pytest.mark.parametrize("name", list(_tree_params()))
-def test_tree_graph(name, root, tok, draft):
-    ckpt = checkpoint(root, tok, name)
-    m = _export(ckpt, draft, root / f"{name}-tree", tree_attention=True)
-    _check_reach(m["models"]["target"], tree=True)
-    b = load_bundle(root / f"{name}-tree")
-    target, d = ModelSession(b.target, threads=1), ModelSession(b.draft, threads=1)
+def _greedy_and_tree_match_pytorch(b, ckpt):
+    """A tree-attention bundle: AR equals a PyTorch greedy loop, and MCSD verifying a tree equals AR."""
+    target = ModelSession(b.target, threads=1)
     prompt = _prompt(b.target.max_context)
     greedy, _ = generate_ids(target, prompt, GenerationConfig(**RAW, algo="ar", max_new_tokens=NEW))
     assert greedy == _pytorch_greedy(ckpt, prompt, NEW)
     tree, _ = generate_ids(target, prompt, GenerationConfig(algo="mcsd", mcsd_strategy="tree", max_new_tokens=NEW),
                            draft=NoisyDraft(ModelSession(b.target, threads=1), scale=0.5, seed=2))
     assert tree == greedy
+    return target, prompt
+
+
+@pytest.mark.parametrize("name", list(_tree_params()))
+def test_tree_graph(name, root, tok, draft):
+    ckpt = checkpoint(root, tok, name)
+    m = _export(ckpt, draft, root / f"{name}-tree", tree_attention=True)
+    _check_reach(m["models"]["target"], tree=True)
+    b = load_bundle(root / f"{name}-tree")
+    target, prompt = _greedy_and_tree_match_pytorch(b, ckpt)
+    d = ModelSession(b.draft, threads=1)
     mmtad, _ = generate_ids(target, prompt, GenerationConfig(algo="mmtad", beam_width=2, gamma=3,
                                                              max_new_tokens=NEW), draft=d)
     assert len(mmtad) == NEW
@@ -176,14 +183,7 @@ def test_a_small_window_in_the_tree_graph(root, tok, draft):
     cfg.save_pretrained(small)
     m = _export(small, draft, root / "w6", tree_attention=True)
     _check_reach(m["models"]["target"], tree=True)
-    b = load_bundle(root / "w6")
-    target = ModelSession(b.target, threads=1)
-    prompt = _prompt(b.target.max_context)
-    greedy, _ = generate_ids(target, prompt, GenerationConfig(**RAW, algo="ar", max_new_tokens=NEW))
-    assert greedy == _pytorch_greedy(small, prompt, NEW)
-    tree, _ = generate_ids(target, prompt, GenerationConfig(algo="mcsd", mcsd_strategy="tree", max_new_tokens=NEW),
-                           draft=NoisyDraft(ModelSession(b.target, threads=1), scale=0.5, seed=2))
-    assert tree == greedy
+    _greedy_and_tree_match_pytorch(load_bundle(root / "w6"), small)
 
 
 def test_longrope_context_is_capped_printed_and_recorded(root, tok, draft, capsys):
