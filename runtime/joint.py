@@ -11,7 +11,7 @@ import itertools
 import numpy as np
 
 from .errors import ConfigError
-from .sampling import filter_logits, log_softmax
+from .sampling import log_probs
 
 # The draft scores its beam one token at a time in a W-row batch, the target in one call: float32 noise between the
 # two (measured up to 3.5e-5 over 4 tokens, 32000-wide logits) must not reject a draft equal to the target at tau = 1.
@@ -24,7 +24,7 @@ MAX_JOINT_SEQUENCES = 1 << 16
 def scoring_logprobs(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
     """The log-likelihoods joint decoding scores with: the filtered distribution, at temperature 1 in deterministic
     mode (T = 0 only chooses tokens; one-hot scores would collapse the rule into plain greedy verification)."""
-    return log_softmax(filter_logits(logits, temperature or 1.0, top_k, top_p))
+    return log_probs(logits, temperature or 1.0, top_k, top_p)
 
 
 def token_logprobs(logprobs: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -41,13 +41,13 @@ def accept_length(logp: np.ndarray, logq: np.ndarray, tau: float) -> int:
     return int(passing[-1]) + 1 if passing.size else 0
 
 
-def _keep_greedy(picked: np.ndarray, greedy_beam: int, table: np.ndarray) -> tuple[np.ndarray, int]:
-    """Make sure the greedy chain's extension is among the picked pairs (replacing the last pick);
-    returns the pairs and the greedy chain's new beam index (-1 once lost). A single beam is left alone: beam search
-    of width 1 is the greedy chain anyway, and beam sampling of width 1 is a sampled chain."""
+def _keep_greedy(picked: np.ndarray, greedy_beam: int, greedy_pair: int) -> tuple[np.ndarray, int]:
+    """Make sure the greedy chain's extension (greedy_pair: the greedy beam's argmax token, as a flat index) is among
+    the picked pairs (replacing the last pick); returns the pairs and the greedy chain's new beam index (-1 once
+    lost). A single beam is left alone: beam search of width 1 is the greedy chain anyway, and beam sampling of width
+    1 is a sampled chain."""
     if greedy_beam < 0:
         return picked, -1
-    greedy_pair = greedy_beam * table.shape[1] + int(np.argmax(table[greedy_beam]))
     hit = np.flatnonzero(picked == greedy_pair)
     if hit.size:
         return picked, int(hit[0])
@@ -79,20 +79,23 @@ def beam_search_step(cum_logq: np.ndarray, logq: np.ndarray, width: int, greedy_
     Returns (parents [W'], tokens [W'], new cum_logq [W'], new greedy beam), best first, W' = min(width, finite pairs).
     """
     # The `width` best pairs lie among each beam's `width` best children: find those by argmax passes over a copy
-    # (each pass blanks its pick), rank the B x width candidates only. Same result as ranking the whole table, with
-    # fewer NumPy calls for the few beams a draft keeps (a draft step runs this 16 times a round).
+    # (each pass blanks its pick), then rank the B x width candidates as Python floats: a draft step runs this 16
+    # times a round, and a handful of candidates sort faster in Python than through a dozen NumPy calls. Same result
+    # as ranking the whole table (tests/test_joint.py).
     b, v = logq.shape
-    rows, work = np.arange(b), np.array(logq)
-    kids, vals = np.empty((b, min(width, v)), np.int64), np.empty((b, min(width, v)), logq.dtype)
+    rows, work = np.arange(b)[:, None], np.array(logq)
+    kids = np.empty((b, min(width, v)), np.int64)
     for j in range(kids.shape[1]):
         kids[:, j] = work.argmax(axis=1)
-        vals[:, j] = work[rows, kids[:, j]]  # -inf when a row has fewer finite children: it repeats a blanked one
-        work[rows, kids[:, j]] = -np.inf
-    flat = (rows[:, None] * v + kids).ravel()
-    cand = cum_logq.repeat(kids.shape[1]) + vals.ravel()
-    n = min(width, int(np.isfinite(cand).sum()))  # filtered-out tokens never make a beam
-    picked = flat[np.lexsort((flat, -cand))[:n]]  # best first, the lower (beam, token) index on ties
-    picked, greedy = _keep_greedy(picked, greedy_beam, logq)
+        work[rows[:, 0], kids[:, j]] = -np.inf
+    vals = logq[rows, kids].tolist()
+    kid_rows = kids.tolist()
+    # best first, the lower (beam, token) index on ties; a set, since a row with fewer finite children than passes
+    # repeats one of them
+    cand = sorted({(-(c + x), r * v + k) for r, (c, ks, xs) in enumerate(zip(cum_logq.tolist(), kid_rows, vals))
+                   for k, x in zip(ks, xs) if x != -np.inf})
+    picked = np.array([i for _, i in cand[:width]], dtype=np.int64)
+    picked, greedy = _keep_greedy(picked, greedy_beam, greedy_beam * v + kid_rows[greedy_beam][0])
     parents, tokens = np.divmod(picked, v)
     return parents, tokens, cum_logq[parents] + logq[parents, tokens], greedy
 
@@ -120,9 +123,11 @@ def beam_sample_step(rng: np.random.Generator, cum_logq: np.ndarray, q: np.ndarr
     pairs, since it recomputes pi from their joint Q. Same arguments and results as `beam_search_step`, with
     q [B, V] the filtered draft probabilities; results come in sampled order."""
     pi = np.exp(cum_logq - cum_logq.max())
-    w = (pi / pi.sum())[:, None] * q
-    picked = sample_distinct(rng, w.ravel(), min(width, int(np.count_nonzero(w))))
-    picked, greedy = _keep_greedy(picked, greedy_beam, q)
+    w = ((pi / pi.sum())[:, None] * q).ravel()
+    support = np.flatnonzero(w)  # filtered draft rows keep top-k tokens: draw over those (zeros never change a CDF)
+    picked = support[sample_distinct(rng, w[support], min(width, support.size))]
+    greedy_pair = greedy_beam * q.shape[1] + int(np.argmax(q[greedy_beam])) if greedy_beam >= 0 else -1
+    picked, greedy = _keep_greedy(picked, greedy_beam, greedy_pair)
     parents, tokens = np.divmod(picked, q.shape[1])
     return parents, tokens, cum_logq[parents] + np.log(q[parents, tokens]), greedy
 

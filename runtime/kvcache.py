@@ -129,8 +129,11 @@ class KVCache:
     def gather(self, rows: Sequence[int] | np.ndarray) -> None:
         """Keep rows in the given order (beam reorder by parent, or pick the winner with [row])."""
         rows = np.asarray(rows, dtype=np.int64)
-        if rows.ndim != 1 or len(rows) == 0 or rows.min() < 0 or rows.max() >= self.batch:
-            raise ValueError(f"gather rows {rows.tolist()} must be a non-empty list within 0..{self.batch - 1}")
+        listed = rows.tolist()  # a few beams: Python's min/max are cheaper than NumPy's reductions
+        if rows.ndim != 1 or not listed or min(listed) < 0 or max(listed) >= self.batch:
+            raise ValueError(f"gather rows {listed} must be a non-empty list within 0..{self.batch - 1}")
+        if self.shared and listed == list(range(self.batch)):
+            return  # every row stays where it is (a beam step that keeps both beams' lines)
         self._take(0, rows)
         self.batch = len(rows)
 

@@ -62,10 +62,12 @@ class NGramIndex:
         return sorted(out)
 
 
-def ban_tokens(logits: np.ndarray, banned_rows: Sequence[Sequence[int] | np.ndarray]) -> np.ndarray:
-    """logits [R, V] (or [V] with one row) with each row's banned tokens at -inf (a copy). Tokens beyond the logit
-    width (padding) are ignored; a row is left alone if the ban would remove every token."""
-    out = np.array(logits, dtype=np.float32)
+def ban_tokens(logits: np.ndarray, banned_rows: Sequence[Sequence[int] | np.ndarray],
+               in_place: bool = False) -> np.ndarray:
+    """logits [R, V] (or [V] with one row) with each row's banned tokens at -inf (a copy, or float32 logits
+    themselves with in_place). Tokens beyond the logit width (padding) are ignored; a row is left alone if the ban
+    would remove every token."""
+    out = logits if in_place and logits.dtype == np.float32 else np.array(logits, dtype=np.float32)
     rows = out.reshape(-1, out.shape[-1])
     for row, banned in zip(rows, banned_rows, strict=True):
         if len(banned) == 0:

@@ -123,8 +123,8 @@ class ModelSession:
         self._outputs = ["logits", *self._present]
         self._has_positions = "position_ids" in spec.inputs
         self.fused = spec.graph_kind == "fused"  # its cache is a shared buffer, bound in place (host or device)
-        # cache -> (the KV OrtValues bound, an IOBinding): reused while that cache's buffers stay the same; weak, so
-        # a finished generation's buffers are not kept alive by the session
+        # cache -> its _Binding: reused while that cache's buffers stay the same; weak, so a finished generation's
+        # buffers are not kept alive by the session
         self._bindings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._buffers: dict[str, np.ndarray] = {}  # _filled's
         if self.fused:
@@ -196,54 +196,59 @@ class ModelSession:
             return np.concatenate([first, self._run_fused(ids[:, 1:], cache, parents[1:] - 1)], axis=1)
         cache.reserve(s)
         if parents is None:  # a chain: GroupQueryAttention is causal by itself, the bias adds nothing
-            positions = np.arange(past, past + s, dtype=np.int64)[None]
-            bias = self._filled("zeros", s * (past + s)).reshape(1, 1, s, past + s)
+            positions, bias = None, self._filled("zeros", s * (past + s)).reshape(1, 1, s, past + s)
         else:
             positions = tree.positions(parents, past)[None]
             bias = tree.attention_bias(parents, past, DTYPES[self.spec.dtype])
         if b > 1 and s > 1 and past:
             # GroupQueryAttention refuses several rows of several tokens after a past: one row at a time (MJGD's
             # enumeration; beams feed one token a step and MCSD verifies as a tree, so decoding never gets here)
-            logits = np.concatenate([self._bind_run(ids[r:r + 1], positions, bias, cache.bound(r))
+            logits = np.concatenate([self._bind_run(ids[r:r + 1], past, positions, bias, cache.bound(r))
                                      for r in range(b)])
         else:
-            logits = self._bind_run(ids, np.repeat(positions, b, axis=0), bias, cache.bound(), cache)
+            logits = self._bind_run(ids, past, positions, bias, cache.bound(), cache)
         cache.advance(s)
         return logits
 
-    def _bind_run(self, ids: np.ndarray, positions: np.ndarray, bias: np.ndarray, kv: list,
+    def _bind_run(self, ids: np.ndarray, past: int, positions: np.ndarray | None, bias: np.ndarray, kv: list,
                   cache: KVCache | None = None) -> np.ndarray:
+        """One run over the KV OrtValues kv (bound as past and present). positions: [1, S] (None: a chain after
+        `past`). A cache's binding is kept while its buffers and the call's shape stay the same: per call only the
+        mask and bias (their width grows) are rebound, and the token ids, positions and logits live in kept arrays
+        bound once (binding costs ~45 us for an output inside ORT's run, ~1 us for an input)."""
         b, s = ids.shape
         entry = self._bindings.get(cache) if cache is not None else None
-        if entry is None or entry[0] is not kv:
-            # the KV buffers stay bound while they are the same (the cache hands out the same list until it
-            # reallocates or changes rows): per call only the small inputs are bound
-            binding = self._sess.io_binding()
-            binding.bind_output("logits", "cpu")  # first: rebinding it below keeps it output 0
+        if entry is None or entry.kv is not kv:
+            entry = _Binding(self._sess.io_binding(), kv)
             for past_name, present_name, t in zip(self._past, self._present, kv):
-                binding.bind_ortvalue_input(past_name, t)
-                binding.bind_ortvalue_output(present_name, t)
-            entry = [kv, binding, None]  # [2]: the host array the logits are written into
+                entry.io.bind_ortvalue_input(past_name, t)
+                entry.io.bind_ortvalue_output(present_name, t)
             if cache is not None:
                 self._bindings[cache] = entry
-        binding = entry[1]
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", self._filled("ones", b * bias.shape[-1]).reshape(b, -1))
-        binding.bind_cpu_input("position_ids", positions)
-        binding.bind_cpu_input(tree.BIAS, bias)
         on_host = self.device is None or self.device[0] == "cpu"
-        if on_host and (entry[2] is None or entry[2].shape[:2] != (b, s)):
-            # ORT writes the logits into a kept NumPy array, rebound only when the call's shape changes: binding
-            # a new output costs ~45 us a call, and get_outputs() wraps all 2 x layers KV outputs (~80 us)
-            entry[2] = np.empty((b, s, self.spec.vocab_size), np.float32)
-            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(entry[2]))
-        elif not on_host:
-            binding.bind_output("logits", "cpu")
+        io = entry.io
+        if entry.shape != (b, s):
+            entry.shape = (b, s)
+            entry.ids, entry.positions = np.empty((b, s), np.int64), np.empty((b, s), np.int64)
+            io.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(entry.ids))
+            io.bind_ortvalue_input("position_ids", ort.OrtValue.ortvalue_from_numpy(entry.positions))
+            if on_host:  # ORT writes the logits into this array: get_outputs() would wrap all 2 x layers outputs
+                entry.logits = np.empty((b, s, self.spec.vocab_size), np.float32)
+                io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(entry.logits))
+            else:
+                io.bind_output("logits", "cpu")
+        entry.ids[...] = ids
+        if positions is None:
+            entry.positions[...] = past if s == 1 else np.arange(past, past + s)
+        else:
+            entry.positions[...] = positions
+        io.bind_cpu_input("attention_mask", self._filled("ones", b * bias.shape[-1]).reshape(b, -1))
+        io.bind_cpu_input(tree.BIAS, bias)
         t0 = time.perf_counter()
-        self._sess.run_with_iobinding(binding)
+        self._sess.run_with_iobinding(io)
         self.time_s += time.perf_counter() - t0
         self.calls += 1
-        return entry[2].copy() if on_host else binding.get_outputs()[0].numpy()
+        return entry.logits.copy() if on_host else io.get_outputs()[0].numpy()
 
     def _filled(self, kind: str, n: int) -> np.ndarray:
         """n ones (int64: the attention mask) or zeros (the model dtype: a chain's bias), a view of a kept buffer:
@@ -287,6 +292,15 @@ def check_fused_support(spec, on_gpu: bool, version: str = ort.__version__) -> N
         raise BundleError(f"{spec.role} model is a float32 fused graph, and GroupQueryAttention has no float32 CUDA "
                           "kernel: pass --fp16 (fp16=True) to run an fp16 copy, re-export with `mjsd export --fp16`, "
                           "or run it with --provider cpu")
+
+
+class _Binding:
+    """A fused session's IOBinding over one cache's KV OrtValues, with the kept arrays bound to its small inputs."""
+    __slots__ = ("io", "kv", "shape", "ids", "positions", "logits")
+
+    def __init__(self, io, kv: list):
+        self.io, self.kv, self.shape = io, kv, None
+        self.ids = self.positions = self.logits = None
 
 
 def _rows(tokens) -> np.ndarray:

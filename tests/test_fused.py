@@ -155,15 +155,15 @@ def test_bindings_are_reused_and_released_with_their_cache(fused):
     s = ModelSession(fused.target, threads=1)
     c = s.new_cache()
     s.forward(IDS[:4], c)
-    (kv, binding, _), = s._bindings.values()
+    binding, = s._bindings.values()
     first = s.forward([5], c)
     kept = first.copy()
-    assert s._bindings[c][1] is binding  # same buffers: the binding is kept, only small inputs rebound
+    assert s._bindings[c] is binding  # same buffers: the binding is kept, only small inputs rebound
     s.forward([9], c)  # same shape: ORT writes into the same bound logits array, which callers never see
     np.testing.assert_array_equal(first, kept)
     c.repeat(2)
     s.forward([[6], [7]], c)
-    assert s._bindings[c][1] is not binding  # new row count: new views, new binding
-    del c, kv, binding
+    assert s._bindings[c] is not binding  # new row count: new views, new binding
+    del c, binding
     gc.collect()
     assert len(s._bindings) == 0  # a finished generation's KV buffers are not kept alive by the session

@@ -41,7 +41,7 @@ class DecodeContext:
 
     def no_repeat(self, logits: np.ndarray, extras) -> np.ndarray:
         """logits [R, V] (or [V]) with cfg.no_repeat_ngram_size applied, row r's history being ids + extras[r]
-        (runtime/repetition.py); the logits themselves when it is off."""
+        (runtime/repetition.py). The logits are a model call's fresh output, so the ban is written into them."""
         n = self.cfg.no_repeat_ngram_size
         if not n:
             return logits
@@ -50,7 +50,7 @@ class DecodeContext:
         if self.ngrams is None or self.ngrams.n != n:
             self.ngrams = NGramIndex(n)
         self.ngrams.extend(self.ids)  # ids only grow: this indexes the last round's tokens
-        return ban_tokens(logits, [self.ngrams.banned(self.ids, e) for e in extras])
+        return ban_tokens(logits, [self.ngrams.banned(self.ids, e) for e in extras], in_place=True)
 
     def dist(self, logits: np.ndarray) -> np.ndarray:
         """The filtered distribution of algorithms.md over the shared vocabulary."""
