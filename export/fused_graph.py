@@ -1,8 +1,9 @@
 """The fused graph builder: a Llama-family decoder as ONNX Runtime's fused ops, emitted directly from the weights.
 
 Per layer: SkipSimplifiedLayerNormalization (residual add + RMSNorm), one MatMul for the packed Q/K/V,
-GroupQueryAttention (rotary inside, from cos/sin caches), the output MatMul and the SiLU MLP: ~12 nodes a layer
-instead of ~160 in optimum's graph. This is the graph onnxruntime-genai's model builder emits, written here with
+GroupQueryAttention (rotary inside, from cos/sin caches), the output MatMul and the SiLU MLP with gate and up packed
+in one MatMul: ~12 nodes a layer instead of ~160 in optimum's graph. This is the graph onnxruntime-genai's model
+builder emits (which keeps gate and up apart), written here with
 the `onnx` helper instead of reusing the builder, because the builder needs transformers 5 (optimum-onnx, our
 standard-graph exporter, caps transformers < 4.58) and its graph has neither `position_ids` nor a tree input.
 
@@ -120,6 +121,8 @@ def emit(model, max_context: int, fp16: bool = False):
     norm_in = g.node("SimplifiedLayerNormalization", [hidden, g.init("norm0", _np(layers[0].input_layernorm.weight))],
                      "layers.0/input_norm", axis=-1, epsilon=eps)[0]
     residual = hidden
+    ffn = cfg.intermediate_size
+    mlp_split = g.init("mlp_split", np.array([ffn, ffn], np.int64), np.int64)
     for i, layer in enumerate(layers):
         a, p = layer.self_attn, f"layers.{i}"
         qkv_w = np.concatenate([_np(a.q_proj.weight), _np(a.k_proj.weight), _np(a.v_proj.weight)]).T
@@ -138,10 +141,13 @@ def emit(model, max_context: int, fp16: bool = False):
                                                                      _np(layer.post_attention_layernorm.weight))],
             f"{p}/post_norm", n_out=4, domain=MS, epsilon=eps)
         m = layer.mlp
-        gate = g.node("MatMul", [norm_post, g.init(f"{p}.gate.weight", _np(m.gate_proj.weight).T)], f"{p}/gate")[0]
-        up = g.node("MatMul", [norm_post, g.init(f"{p}.up.weight", _np(m.up_proj.weight).T)], f"{p}/up")[0]
+        # gate and up as one MatMul and a Split: one GEMM dispatch fewer per layer (decode is dispatch-bound here:
+        # 2.5% off a 1-token call of the built-in target)
+        gate_up_w = np.concatenate([_np(m.gate_proj.weight).T, _np(m.up_proj.weight).T], axis=1)
+        gate_up = g.node("MatMul", [norm_post, g.init(f"{p}.gate_up.weight", gate_up_w)], f"{p}/gate_up")[0]
+        gate, up = g.node("Split", [gate_up, mlp_split], f"{p}/mlp_split", n_out=2, axis=-1)
         act = g.node("Mul", [g.node("Mul", [gate, g.node("Sigmoid", [gate], f"{p}/sigmoid")[0]], f"{p}/silu")[0], up],
-                     f"{p}/gate_up")[0]
+                     f"{p}/swiglu")[0]
         down = g.node("MatMul", [act, g.init(f"{p}.down.weight", _np(m.down_proj.weight).T)], f"{p}/down")[0]
         last = i + 1 == len(layers)
         w = model.model.norm.weight if last else layers[i + 1].input_layernorm.weight

@@ -91,8 +91,8 @@ class TextStream:
     thread; `cancel()` asks it to stop before its next round from any thread.
     """
 
-    def __init__(self, engine: Engine, prompt_ids: list[int], cfg: GenerationConfig):
-        self._engine, self._prompt, self._cfg = engine, prompt_ids, cfg
+    def __init__(self, engine: Engine, prompt_ids: list[int], cfg: GenerationConfig, pieces: bool = True):
+        self._engine, self._prompt, self._cfg, self._stream_pieces = engine, prompt_ids, cfg, pieces
         self.tokens: list[int] = []
         self.text = ""
         self.stats = GenerationStats()
@@ -118,8 +118,14 @@ class TextStream:
         self._cancelled.set()
 
     def _generate(self) -> Iterator[str]:
+        rounds = self._engine._rounds(self._prompt, self._cfg, self.stats, self._cancelled)
+        if not self._stream_pieces:  # Engine.generate: the text once, at the end
+            for new in rounds:
+                self.tokens += new
+            self.text = self._engine.decode(self.tokens)
+            return
         detok = Detokenizer(self._engine.decode)
-        for new in self._engine._rounds(self._prompt, self._cfg, self.stats, self._cancelled):
+        for new in rounds:
             self.tokens += new
             piece = detok.add(new, final=self.stats.finish_reason != "")
             self.text += piece
@@ -233,7 +239,7 @@ class Engine:
         return replace(base, **params)
 
     def generate(self, prompt: str | list[int], config: GenerationConfig | None = None, **params) -> Result:
-        with self.stream(prompt, config, **params) as stream:
+        with TextStream(self, self.encode(prompt), self.config(config, **params), pieces=False) as stream:
             for _ in stream:
                 pass
         return Result(stream.text, stream.tokens, stream.stats)

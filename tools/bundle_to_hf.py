@@ -48,7 +48,8 @@ def onnx_weights(graph) -> dict[str, np.ndarray]:
 
 def fused_weights(graph, config) -> dict[str, np.ndarray]:
     """Parameter name -> array for a fused-kind graph (export/fused_graph.py): its initializers are named per layer
-    (`layers.{i}.qkv.weight` = [q; k; v]^T, `.o/.gate/.up/.down.weight` transposed, `norm0` = layer 0's input norm,
+    (`layers.{i}.qkv.weight` = [q; k; v]^T, `.gate_up.weight` = [gate; up]^T (older bundles: `.gate`, `.up`),
+    `.o/.down.weight` transposed, `norm0` = layer 0's input norm,
     `layers.{i+1}.in_norm` = the next input norm, the last one the final norm)."""
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     heads, layers = config.num_attention_heads, config.num_hidden_layers
@@ -66,8 +67,13 @@ def fused_weights(graph, config) -> dict[str, np.ndarray]:
                 out[f"{dst}.self_attn.{name}_proj.bias"] = b
         out[f"{dst}.self_attn.o_proj.weight"] = inits[f"{src}.o.weight"].T
         out[f"{dst}.post_attention_layernorm.weight"] = inits[f"{src}.post_norm"]
-        for name in ("gate", "up", "down"):
-            out[f"{dst}.mlp.{name}_proj.weight"] = inits[f"{src}.{name}.weight"].T
+        if f"{src}.gate_up.weight" in inits:  # packed [gate | up]^T (bundles exported since 2026-12-07)
+            gate, up = np.split(inits[f"{src}.gate_up.weight"].T, 2)
+            out[f"{dst}.mlp.gate_proj.weight"], out[f"{dst}.mlp.up_proj.weight"] = gate, up
+        else:
+            for name in ("gate", "up"):
+                out[f"{dst}.mlp.{name}_proj.weight"] = inits[f"{src}.{name}.weight"].T
+        out[f"{dst}.mlp.down_proj.weight"] = inits[f"{src}.down.weight"].T
         norm = "model.norm.weight" if i + 1 == layers else f"model.layers.{i + 1}.input_layernorm.weight"
         out[norm] = inits[f"layers.{i + 1}.in_norm"]
     return out

@@ -8,8 +8,10 @@ from .common import DecodeContext
 
 def ar(ctx: DecodeContext) -> Iterator[list[int]]:
     while True:
-        logits = ctx.target.forward(ctx.unfed(ctx.target_cache), ctx.target_cache)
-        token = ctx.pick(ctx.no_repeat(logits[0, -1], [()]))
+        logits, ctx.next_logits = ctx.next_logits, None  # prefill's, for the first token
+        if logits is None:
+            logits = ctx.target.forward(ctx.unfed(ctx.target_cache), ctx.target_cache)[0, -1]
+        token = ctx.pick(ctx.no_repeat(logits, [()]))
         ctx.stats.record_round(0, 0)
         ctx.ids.append(token)
         yield [token]

@@ -6,7 +6,8 @@ generator when done, so algorithms loop forever.
 
 Pending-token convention (algorithms.md): `ctx.ids` is prompt + generated; its last token is pending, in neither
 cache. A cache holds `ids[:cache.length]`; `ctx.unfed(cache)` is what a model must be fed next (usually the pending
-token, sometimes one more draft token the draft never saw).
+token, sometimes one more draft token the draft never saw). The one exception: for AR, prefill feeds the whole
+prompt and keeps the last row's logits in `ctx.next_logits`, which give the first token without another call.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ class DecodeContext:
     draft: ModelSession | None = None
     draft_cache: KVCache | None = None
     ngrams: NGramIndex | None = field(default=None, repr=False)  # of ids, for no_repeat (built on first use)
+    next_logits: np.ndarray | None = field(default=None, repr=False)  # the target's [V] logits after ids, if known
 
     def unfed(self, cache: KVCache) -> list[int]:
         return self.ids[cache.length:]

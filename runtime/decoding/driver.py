@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 
 import numpy as np
 
@@ -71,8 +70,11 @@ def stream_ids(target: ModelSession, prompt_ids: Sequence[int], cfg: GenerationC
     if phase:
         phase("prefill")
     timed_draft = draft if len(models) == 2 and draft is not target else None
-    with _charged(stats, target, timed_draft):
+    mark = _mark(target, timed_draft)
+    try:
         ctx = prefill(target, prompt, cfg, stats, draft=draft, vocab_size=vocab_size)
+    finally:
+        _charge(stats, target, timed_draft, mark)
     stats.prefill_time_s = time.perf_counter() - t_start
     if phase:
         phase("decode")
@@ -82,8 +84,11 @@ def stream_ids(target: ModelSession, prompt_ids: Sequence[int], cfg: GenerationC
     out: list[int] = []
     try:
         while not stats.finish_reason:
-            with _charged(stats, target, timed_draft):
+            mark = _mark(target, timed_draft)
+            try:
                 new = next(rounds)
+            finally:
+                _charge(stats, target, timed_draft, mark)
             new, stats.finish_reason = _cut(new, out, cfg, None if cfg.ignore_eos else eos_id, decode)
             if not out:
                 stats.ttft_s = time.perf_counter() - t_start
@@ -98,19 +103,18 @@ def stream_ids(target: ModelSession, prompt_ids: Sequence[int], cfg: GenerationC
         stats.decode_time_s = stats.wall_time_s - stats.prefill_time_s
 
 
-@contextmanager
-def _charged(stats: GenerationStats, target: ModelSession, draft: ModelSession | None):
-    """Add the sessions' run time and calls during the block to stats. Counted per round, not over the whole
+def _mark(target: ModelSession, draft: ModelSession | None) -> tuple:
+    return target.time_s, target.calls, (draft.time_s, draft.calls) if draft is not None else None
+
+
+def _charge(stats: GenerationStats, target: ModelSession, draft: ModelSession | None, mark: tuple) -> None:
+    """Add the sessions' run time and calls since `mark` to stats. Counted per round, not over the whole
     generation: other generations' rounds may run between two of ours (Engine turns) on the same sessions."""
-    t0, d0 = (target.time_s, target.calls), (draft.time_s, draft.calls) if draft is not None else None
-    try:
-        yield
-    finally:
-        stats.target_time_s += target.time_s - t0[0]
-        stats.target_calls += target.calls - t0[1]
-        if draft is not None:
-            stats.draft_time_s += draft.time_s - d0[0]
-            stats.draft_calls += draft.calls - d0[1]
+    stats.target_time_s += target.time_s - mark[0]
+    stats.target_calls += target.calls - mark[1]
+    if draft is not None:
+        stats.draft_time_s += draft.time_s - mark[2][0]
+        stats.draft_calls += draft.calls - mark[2][1]
 
 
 def _models(cfg: GenerationConfig, target: ModelSession, draft: ModelSession | None) -> list[ModelSession]:
@@ -119,12 +123,16 @@ def _models(cfg: GenerationConfig, target: ModelSession, draft: ModelSession | N
 
 def prefill(target: ModelSession, prompt: list[int], cfg: GenerationConfig, stats: GenerationStats, *,
             draft: ModelSession | None = None, vocab_size: int | None = None) -> DecodeContext:
-    """New caches holding all prompt tokens but the last, which is the first round's pending token."""
+    """New caches holding all prompt tokens but the last, which is the first round's pending token. For AR the target
+    takes the whole prompt instead, and its last logits give the first token (one call fewer, as every AR runtime)."""
     ctx = DecodeContext(target=target, target_cache=target.new_cache(), cfg=cfg, stats=stats,
                         rng=np.random.default_rng(cfg.seed), vocab_size=vocab_size or target.spec.vocab_size,
                         ids=list(prompt))
     if len(_models(cfg, target, draft)) == 2:
         ctx.draft, ctx.draft_cache = draft, draft.new_cache()
+    if cfg.algo == "ar":
+        ctx.next_logits = target.forward(prompt, ctx.target_cache)[0, -1]
+        return ctx
     for m, c in ((ctx.target, ctx.target_cache), (ctx.draft, ctx.draft_cache)):
         if m is not None and len(prompt) > 1:
             m.forward(prompt[:-1], c)
