@@ -21,10 +21,12 @@ LOG_TOL = 1e-3
 MAX_JOINT_SEQUENCES = 1 << 16
 
 
-def scoring_logprobs(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+def scoring_logprobs(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                     compact: bool = False):
     """The log-likelihoods joint decoding scores with: the filtered distribution, at temperature 1 in deterministic
-    mode (T = 0 only chooses tokens; one-hot scores would collapse the rule into plain greedy verification)."""
-    return log_probs(logits, temperature or 1.0, top_k, top_p)
+    mode (T = 0 only chooses tokens; one-hot scores would collapse the rule into plain greedy verification).
+    compact: (log-likelihoods [..., k], token ids [..., k]) of the top-k support, or (dense, None) without top-k."""
+    return log_probs(logits, temperature or 1.0, top_k, top_p, compact)
 
 
 def token_logprobs(logprobs: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -121,7 +123,8 @@ def beam_sample_step(rng: np.random.Generator, cum_logq: np.ndarray, q: np.ndarr
     """One MTAD beam-sampling step: draw `width` distinct (beam, token) pairs from w(b, v) = pi_b * q(v | b), with
     pi = the beams' normalised joint Q (normalising Q, not log Q). The next step renormalises pi over the kept
     pairs, since it recomputes pi from their joint Q. Same arguments and results as `beam_search_step`, with
-    q [B, V] the filtered draft probabilities; results come in sampled order."""
+    q [B, V] the filtered draft probabilities (or [B, k] over each row's support, ascending token ids: the tokens
+    returned are then columns); results come in sampled order."""
     pi = np.exp(cum_logq - cum_logq.max())
     w = ((pi / pi.sum())[:, None] * q).ravel()
     support = np.flatnonzero(w)  # filtered draft rows keep top-k tokens: draw over those (zeros never change a CDF)

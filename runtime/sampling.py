@@ -115,17 +115,26 @@ def filter_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, 
     return out.reshape(x.shape)
 
 
-def log_probs(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+def log_probs(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+              compact: bool = False):
     """log(probs(...)) for T > 0: -inf where filtered out. With top-k the log-softmax runs over each row's k kept
-    values only (a draft step scores W rows of the vocabulary this way)."""
+    values only (a draft step scores W rows of the vocabulary this way), and `compact` returns just those:
+    (log-probabilities [..., k], their token ids [..., k] ascending); without top-k, compact gives (the dense array,
+    None)."""
     x = _scaled(logits, temperature)
     if not 0 < top_k < x.shape[-1]:
-        return log_softmax(filter_logits(x, 1.0, top_k, top_p))
+        out = log_softmax(filter_logits(x, 1.0, top_k, top_p))
+        return (out, None) if compact else out
     rows = x.reshape(-1, x.shape[-1])
     idx, keep = _kept_top_k(rows, top_k, top_p)
     r = np.arange(len(rows))[:, None]
+    lp = log_softmax(np.where(keep, rows[r, idx], -np.inf))
+    if compact:
+        order = np.argsort(idx, axis=-1)  # ascending ids: the columns keep the vocabulary's order (ties, sampling)
+        shape = x.shape[:-1] + (top_k,)
+        return lp[r, order].reshape(shape), idx[r, order].reshape(shape)
     out = np.full(rows.shape, -np.inf, dtype=np.float32)
-    out[r, idx] = log_softmax(np.where(keep, rows[r, idx], -np.inf))
+    out[r, idx] = lp
     return out.reshape(x.shape)
 
 

@@ -17,9 +17,9 @@ from ..sampling import shared_vocab
 from .common import DecodeContext
 
 
-def score(ctx: DecodeContext, logits: np.ndarray) -> np.ndarray:
+def score(ctx: DecodeContext, logits: np.ndarray, compact: bool = False):
     c = ctx.cfg
-    return scoring_logprobs(shared_vocab(logits, ctx.vocab_size), c.temperature, c.top_k, c.top_p)
+    return scoring_logprobs(shared_vocab(logits, ctx.vocab_size), c.temperature, c.top_k, c.top_p, compact)
 
 
 def draft_beams(ctx: DecodeContext, sampling: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -34,14 +34,18 @@ def draft_beams(ctx: DecodeContext, sampling: bool) -> tuple[np.ndarray, np.ndar
     while n < gamma:
         if n:
             cache.gather(parents)
-        logq = score(ctx, ctx.no_repeat(ctx.draft.forward(feed, cache)[:, -1], beams[: len(cum), :n]))
-        if sampling:
-            parents, tokens, cum, greedy = beam_sample_step(ctx.rng, cum, np.exp(logq), width, greedy)
+        logits = ctx.no_repeat(ctx.draft.forward(feed, cache)[:, -1], beams[: len(cum), :n])
+        if sampling:  # over each beam's top-k support when top-k filters (ids: its columns' tokens)
+            logq, ids = score(ctx, logits, compact=True)
+            parents, cols, cum, greedy = beam_sample_step(ctx.rng, cum, np.exp(logq), width, greedy)
+            tokens = cols if ids is None else ids[parents, cols]
         else:
-            parents, tokens, cum, greedy = beam_search_step(cum, logq, width, greedy)
+            logq = score(ctx, logits)
+            parents, cols, cum, greedy = beam_search_step(cum, logq, width, greedy)
+            tokens = cols
         k = len(parents)
         beams[:k, :n], logq_hist[:k, :n] = beams[parents, :n], logq_hist[parents, :n]
-        beams[:k, n], logq_hist[:k, n] = tokens, logq[parents, tokens]
+        beams[:k, n], logq_hist[:k, n] = tokens, logq[parents, cols]
         feed, n = tokens[:, None], n + 1
         if p_min and draft_should_stop(cum, logq_hist[:k, n - 1], p_min):
             break
