@@ -56,8 +56,9 @@ class NGramIndex:
             return []
         key = tuple(tail[len(tail) - n + 1:])
         out = set(self.next.get(key, ()))  # n-grams that end inside seq
-        for end in range(len(tail) - len(extra), len(tail)):  # n-grams that end inside extra
-            if end >= n - 1 and tuple(tail[end - n + 1:end]) == key:
+        last = key[-1]
+        for end in range(max(len(tail) - len(extra), n - 1), len(tail)):  # n-grams that end inside extra
+            if tail[end - 1] == last and tuple(tail[end - n + 1:end]) == key:  # an int test first: most fail it
                 out.add(tail[end])
         return sorted(out)
 

@@ -60,7 +60,9 @@ class ThroughputTuner:
         with self._lock:
             if new is None:
                 self._first = len(self.controller.history) - 1
-            elif self._last is not None and now > self._last:
+            elif self._last is not None and now > self._last and not s.finish_reason:
+                # (a generation's last round is cut at max_new_tokens, EOS or a stop string: its tokens say nothing
+                # about the configuration, and counting them would penalise long drafts)
                 self.controller.observe(ctx.cfg.beam_width, ctx.cfg.gamma, len(new), now - self._last, watts=0.0,
                                         drafted=s.draft_tokens - self._counts[0],
                                         accepted=s.accepted_tokens - self._counts[1])

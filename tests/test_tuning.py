@@ -76,6 +76,26 @@ def test_tuner_ignores_time_between_turns():
     assert est._scores[(4, 4)].mean == pytest.approx(10.0)  # 5 tokens in 0.5 s, not in 100.5 s
 
 
+def test_tuner_skips_a_generations_cut_last_round():
+    """The last round is cut at max_new_tokens (or EOS, a stop string): 1 token of a 10-token round says nothing about
+    its gamma, so it is not observed; a long draft would otherwise look slow at every generation's end."""
+    tuning = OnlineTuning(dwell_rounds=2)
+    clock = Clock()
+    tuner = tuning.tuner(GenerationConfig(algo="mtad", gamma=8, beam_width=2))
+    tuner._clock = clock
+    ctx = SimpleNamespace(cfg=GenerationConfig(algo="mtad", gamma=8, beam_width=2), stats=GenerationStats())
+    tuner(ctx, None)
+    clock.t += 1.0
+    ctx.stats.record_round(8, 8)
+    tuner(ctx, [0] * 9)
+    clock.t += 1.0
+    ctx.stats.record_round(8, 8)
+    ctx.stats.finish_reason = "length"
+    tuner(ctx, [0])
+    est = next(iter(tuning.controllers.values()))
+    assert est._scores[(2, 8)].mean == pytest.approx(9.0) and est._scores[(2, 8)].n == 1
+
+
 @pytest.fixture(scope="module")
 def engine(llama_bundle):
     return Engine.from_bundle(llama_bundle, meter=None)
