@@ -21,7 +21,7 @@ def test_generate_matches_ar_greedy_and_reports_stats(engine):
     sps = engine.generate("def main():", algo="sps", max_new_tokens=24, ignore_eos=True, gamma=3)
     assert sps.tokens == ar.tokens and sps.text == ar.text and len(ar.tokens) == 24
     s = sps.stats.to_dict()
-    assert s["algo"] == "sps" and s["generated_tokens"] == 24 and s["draft_tokens"] == 3 * s["rounds"]
+    assert s["algo"] == "sps" and s["generated_tokens"] == 24 and s["rounds"] <= s["draft_tokens"] <= 3 * s["rounds"]
     assert s["energy"]["estimated"] is True and s["energy"]["j_per_token"] > 0
 
 

@@ -91,8 +91,9 @@ def test_mtad_with_tau_near_zero_accepts_everything(llama):
 def test_statistics(llama):
     _, target, draft = llama
     _, stats = gen(target, [1, 17, 42], draft, algo="mjsd", gamma=3, beam_width=2, max_new_tokens=20)
-    assert stats.draft_tokens == 3 * stats.rounds and len(stats.per_position_acceptance) == 3
-    assert stats.target_calls == stats.rounds + 1 and stats.draft_calls == 3 * stats.rounds + 1  # + prefill
+    # a round drafts gamma = 3 tokens, or fewer near the end (it never drafts past max_new_tokens)
+    assert stats.rounds <= stats.draft_tokens <= 3 * stats.rounds and len(stats.per_position_acceptance) == 3
+    assert stats.target_calls == stats.rounds + 1 and stats.draft_calls == stats.draft_tokens + 1  # + prefill
     assert stats.generated_tokens == 20 and stats.rounds + stats.accepted_tokens >= 20
 
 
@@ -114,7 +115,9 @@ def test_mjsd_finds_the_joint_argmax_greedy_misses(tiny):
     b, target, same = tiny
     beaten = 0
     for prompt in TINY_PROMPTS:
-        joint, _ = gen(target, prompt, same, algo="mjsd", gamma=2, beam_width=b.vocab_size, max_new_tokens=2)
+        # 3 new tokens: a round drafts no more than the generation can still emit, and this one must draft 2
+        joint, _ = gen(target, prompt, same, algo="mjsd", gamma=2, beam_width=b.vocab_size, max_new_tokens=3)
+        joint = joint[:2]
         assert joint == gen(target, prompt, algo="mjgd", gamma=2, max_new_tokens=2)[0]
         greedy, _ = gen(target, prompt, algo="ar", max_new_tokens=2)
         scores = joint_logp(target, prompt, [joint, greedy], b.vocab_size)

@@ -37,9 +37,15 @@ class DecodeContext:
     draft_cache: KVCache | None = None
     ngrams: NGramIndex | None = field(default=None, repr=False)  # of ids, for no_repeat (built on first use)
     next_logits: np.ndarray | None = field(default=None, repr=False)  # the target's [V] logits after ids, if known
+    remaining: int = 1 << 30  # tokens the generation may still emit (max_new_tokens - generated; set by the driver)
 
     def unfed(self, cache: KVCache) -> list[int]:
         return self.ids[cache.length:]
+
+    def draft_len(self) -> int:
+        """This round's gamma: cfg.gamma, or less when fewer tokens remain (a round emits at most gamma + 1), so the
+        last round of a generation does not draft and verify tokens that max_new_tokens would cut."""
+        return max(1, min(self.cfg.gamma, self.remaining - 1))
 
     def no_repeat(self, logits: np.ndarray, extras) -> np.ndarray:
         """logits [R, V] (or [V]) with cfg.no_repeat_ngram_size applied, row r's history being ids + extras[r]

@@ -84,6 +84,7 @@ def stream_ids(target: ModelSession, prompt_ids: Sequence[int], cfg: GenerationC
     out: list[int] = []
     try:
         while not stats.finish_reason:
+            ctx.remaining = cfg.max_new_tokens - len(out)
             mark = _mark(target, timed_draft)
             try:
                 new = next(rounds)

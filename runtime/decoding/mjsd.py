@@ -23,11 +23,11 @@ def score(ctx: DecodeContext, logits: np.ndarray, compact: bool = False):
 
 
 def draft_beams(ctx: DecodeContext, sampling: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Beam-decode up to gamma draft tokens; returns the best beam [n] and its per-position logQ [n].
+    """Beam-decode up to gamma (ctx.draft_len()) draft tokens; returns the best beam [n] and its per-position logQ [n].
     Stops early (adaptive draft length) once the best beam's last token had draft probability below
     cfg.draft_p_min: acceptance of what would follow is unlikely. Leaves the draft cache at that beam's row (its last
     token unfed)."""
-    cache, width, p_min, gamma = ctx.draft_cache, ctx.cfg.beam_width, ctx.cfg.draft_p_min, ctx.cfg.gamma
+    cache, width, p_min, gamma = ctx.draft_cache, ctx.cfg.beam_width, ctx.cfg.draft_p_min, ctx.draft_len()
     feed = [ctx.unfed(cache)]
     beams, logq_hist = np.zeros((width, gamma), np.int64), np.zeros((width, gamma))  # rows: the live beams
     cum, greedy, n = np.zeros(1), 0, 0

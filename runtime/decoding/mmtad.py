@@ -38,7 +38,7 @@ def path_logp(parents: np.ndarray, token_logp: np.ndarray) -> np.ndarray:
     return total
 
 
-def draft_tree(ctx: DecodeContext, sampling: bool):
+def draft_tree(ctx: DecodeContext, sampling: bool, gamma: int):
     """Beam-decode gamma draft steps, keeping every beam of every depth as a tree node (level by level).
 
     Returns tokens [N], parents [N] (-1 at depth 1), each node's path logQ [N], and rows [R, gamma-1]: for each row
@@ -48,7 +48,7 @@ def draft_tree(ctx: DecodeContext, sampling: bool):
     tokens, parents, logq_path = [], [], []  # per depth
     level, rows = np.full(1, -1), np.zeros((1, 0), np.int64)  # node ids of the current beams (-1: the context)
     cum, greedy = np.zeros(1), 0
-    for s in range(ctx.cfg.gamma):
+    for s in range(gamma):
         if s:
             cache.gather(beam_parents)
             rows = np.column_stack([rows[beam_parents], level])
@@ -74,9 +74,9 @@ def mmtad(ctx: DecodeContext) -> Iterator[list[int]]:
 
 def _rounds(ctx: DecodeContext, sampling: bool) -> Iterator[list[int]]:
     while True:
-        gamma = ctx.cfg.gamma
+        gamma = ctx.draft_len()
         base = len(ctx.ids)  # accepted text incl. the pending token
-        tokens, parents, logq, rows = draft_tree(ctx, sampling)
+        tokens, parents, logq, rows = draft_tree(ctx, sampling, gamma)
         unfed, start = ctx.unfed(ctx.target_cache), ctx.target_cache.length
         logits = ctx.target.forward_tree(unfed + tokens.tolist(), tree.after_chain(parents, len(unfed)),
                                          ctx.target_cache)[0]

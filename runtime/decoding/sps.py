@@ -55,7 +55,7 @@ class LazyRows:
 
 def sps(ctx: DecodeContext) -> Iterator[list[int]]:
     while True:
-        gamma, is_greedy = ctx.cfg.gamma, ctx.cfg.temperature == 0  # per round: a controller may retune gamma
+        gamma, is_greedy = ctx.draft_len(), ctx.cfg.temperature == 0  # per round: a controller may retune gamma
         base = len(ctx.ids)  # accepted text incl. the pending token
         drafts, q = [], []
         feed = ctx.unfed(ctx.draft_cache)
