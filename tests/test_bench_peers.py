@@ -57,3 +57,14 @@ def test_bundles_labelled_and_compared():
     assert r["mjsd[new] ar / mjsd[old] ar"] == pytest.approx(1.5)
     assert r["mjsd[new] mtad / llamacpp ar"] == pytest.approx(1.5)
     assert "mjsd[old] ar / mjsd[new] ar" not in r and "mjsd[old] ar / ortgenai ar" not in r
+
+
+def test_decode_speed_where_the_prompt_pass_is_timed():
+    """mjsd and onnxruntime-genai time their prompt pass: decode tokens/s leaves it out; peers that do not have none."""
+    bench = _load("bench_peers")
+    s = bench.summarise({"a": [1.0, 1.0], "b": [2.0]}, {"a": [64, 64], "b": [64]}, {"a": [True, True], "b": [None]},
+                        {"a": [None, None], "b": [None]}, {"a": [0.2, 0.2], "b": [None]})
+    assert s["a"]["decode_tokens_per_s"] == pytest.approx(128 / 1.6) and s["b"]["decode_tokens_per_s"] is None
+    systems = {"mjsd ar": {"decode_tokens_per_s": 80.0}, "ortgenai ar": {"decode_tokens_per_s": 100.0},
+               "llamacpp ar": {"decode_tokens_per_s": None}}
+    assert bench.ratios(systems, ["mjsd"], "decode_tokens_per_s") == {"mjsd ar / ortgenai ar": pytest.approx(0.8)}

@@ -60,13 +60,18 @@ def test_tuner_climbs_to_the_fastest_configuration():
     assert "probe" in reasons and {"probe kept", "best known configuration"} & reasons
 
 
-def test_tuner_ignores_time_between_turns():
-    tuning = OnlineTuning(dwell_rounds=2)
-    clock = Clock()
-    tuner = tuning.tuner(GenerationConfig(algo="sps", gamma=4, beam_width=4))
+def _started_tuner(cfg: GenerationConfig):
+    """A tuner on a fake clock, called before a generation's first round: (tuning, tuner, clock, its context)."""
+    tuning, clock = OnlineTuning(dwell_rounds=2), Clock()
+    tuner = tuning.tuner(cfg)
     tuner._clock = clock
-    ctx = SimpleNamespace(cfg=GenerationConfig(algo="sps", gamma=4, beam_width=4), stats=GenerationStats())
+    ctx = SimpleNamespace(cfg=cfg, stats=GenerationStats())
     tuner(ctx, None)
+    return tuning, tuner, clock, ctx
+
+
+def test_tuner_ignores_time_between_turns():
+    tuning, tuner, clock, ctx = _started_tuner(GenerationConfig(algo="sps", gamma=4, beam_width=4))
     clock.t += 100.0  # another generation's turn
     tuner.resume()
     clock.t += 0.5
@@ -79,12 +84,7 @@ def test_tuner_ignores_time_between_turns():
 def test_tuner_skips_a_generations_cut_last_round():
     """The last round is cut at max_new_tokens (or EOS, a stop string): 1 token of a 10-token round says nothing about
     its gamma, so it is not observed; a long draft would otherwise look slow at every generation's end."""
-    tuning = OnlineTuning(dwell_rounds=2)
-    clock = Clock()
-    tuner = tuning.tuner(GenerationConfig(algo="mtad", gamma=8, beam_width=2))
-    tuner._clock = clock
-    ctx = SimpleNamespace(cfg=GenerationConfig(algo="mtad", gamma=8, beam_width=2), stats=GenerationStats())
-    tuner(ctx, None)
+    tuning, tuner, clock, ctx = _started_tuner(GenerationConfig(algo="mtad", gamma=8, beam_width=2))
     clock.t += 1.0
     ctx.stats.record_round(8, 8)
     tuner(ctx, [0] * 9)

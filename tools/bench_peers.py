@@ -356,6 +356,7 @@ def main() -> None:
         count = {name: [] for name in systems}
         same = {name: [] for name in systems}
         extra = {name: [] for name in systems}
+        prefill = {name: [] for name in systems}
         with tqdm(total=len(ids_list) * args.repeats * len(systems), desc="peers", unit="gen") as bar:
             for _ in range(args.repeats):
                 for ids in ids_list:
@@ -371,16 +372,18 @@ def main() -> None:
                         same[name].append(r["tokens"] == cur[ref_name]["tokens"] if "tokens" in r
                                           else r.get("text_same_as_ref"))
                         extra[name].append(r.get("stats"))
+                        prefill[name].append(r.get("prefill_seconds"))
                         bar.update()
     finally:
         for w in workers.values():
             w.close()
-    report["systems"] = summarise(seconds, count, same, extra)
+    report["systems"] = summarise(seconds, count, same, extra, prefill)
     if "ortgenai" in workers:
         report["graph_costs"] = {role: graph_costs(engines, prefix, role, cache, args.threads)
                                  for role in ("target", "draft")}
     report["ratios"] = ratios(report["systems"], list(prefix.values()))
     report["ratios_median"] = ratios(report["systems"], list(prefix.values()), "median_tokens_per_s")
+    report["ratios_decode"] = ratios(report["systems"], list(prefix.values()), "decode_tokens_per_s")
     if not args.skip_claims:
         report["claims"] = claims(list(bundles.values())[-1], args)
         report["claims"]["bundle"] = list(bundles)[-1]
@@ -401,18 +404,21 @@ def mjsd_run(engine: Engine, ids: list[int], cfg: GenerationConfig) -> dict:
     r = engine.generate(ids, cfg)
     seconds = time.perf_counter() - t0
     s = r.stats
-    return {"tokens": r.tokens, "seconds": seconds,
+    return {"tokens": r.tokens, "seconds": seconds, "prefill_seconds": s.prefill_time_s,
             "stats": {"rounds": s.rounds, "accepted": s.accepted_tokens, "drafted": s.draft_tokens,
                       "target_s": s.target_time_s, "draft_s": s.draft_time_s, "target_calls": s.target_calls,
                       "draft_calls": s.draft_calls, "wall_s": s.wall_time_s}}
 
 
-def summarise(seconds: dict, count: dict, same: dict, extra: dict) -> dict:
-    """Per system: tokens/s = tokens generated / seconds, over all generations."""
+def summarise(seconds: dict, count: dict, same: dict, extra: dict, prefill: dict | None = None) -> dict:
+    """Per system: tokens/s = tokens generated / seconds, over all generations; where a system times its prompt
+    pass (mjsd, onnxruntime-genai), decode tokens/s = tokens / (seconds - prefill seconds) too."""
     out = {}
     for name, secs in seconds.items():
         total, tokens = sum(secs), sum(count[name])
+        pre = (prefill or {}).get(name) or [None]
         s = {"tokens_per_s": tokens / total, "ms_per_token": 1e3 * total / tokens,
+             "decode_tokens_per_s": tokens / (total - sum(pre)) if None not in pre else None,
              "median_s": statistics.median(secs), "tokens": tokens,
              # robust to the seconds-long stalls that busy-waiting thread pools (OpenMP, ORT spinning) suffer when
              # another process takes a core on this shared VM
@@ -459,7 +465,7 @@ def ratios(systems: dict, mjsd: list[str], key: str = "tokens_per_s") -> dict:
         pairs += [(f"{p} {a}", f"{mjsd[0]} {a}") for a in ("ar", "sps", "mtad")]
     pairs += [("hf assisted", "hf ar"), ("ortgenai spec", "ortgenai ar"), ("llamacpp spec", "llamacpp ar")]
     return {f"{a} / {b}": systems[a][key] / systems[b][key]
-            for a, b in pairs if a in systems and b in systems}
+            for a, b in pairs if a in systems and b in systems and systems[a].get(key) and systems[b].get(key)}
 
 
 def claims(bundle: Path | None, args) -> dict:
@@ -499,15 +505,16 @@ def markdown(r: dict) -> str:
         lines.append(f"HF runs with {r['hf_torch_threads']} torch thread(s) ({r['peer_threads']})")
     if "llamacpp_threads" in r:
         lines.append(f"llama.cpp runs with {r['llamacpp_threads']} thread(s) ({r['peer_threads']})")
-    lines += ["", "| system | tokens/s (all) | tokens/s (median generation) | ms/token (all) | mean accepted length "
-              f"| ms/target call | ms/draft call | same tokens as {r['reference']} |", "|---" * 8 + "|"]
+    lines += ["", "| system | tokens/s (all) | tokens/s (median generation) | decode tokens/s | ms/token (all) "
+              f"| mean accepted length | ms/target call | ms/draft call | same tokens as {r['reference']} |",
+              "|---" * 9 + "|"]
 
     def f(v, spec):
         return "-" if v is None else format(v, spec)
 
     for name, s in r["systems"].items():
         lines.append(f"| {name} | {s['tokens_per_s']:.1f} | {s['median_tokens_per_s']:.1f} | "
-                     f"{s['ms_per_token']:.2f} | "
+                     f"{f(s.get('decode_tokens_per_s'), '.1f')} | {s['ms_per_token']:.2f} | "
                      f"{f(s.get('mean_accepted_length'), '.2f')} | {f(s.get('ms_per_target_call'), '.2f')} | "
                      f"{f(s.get('ms_per_draft_call'), '.3f')} | {f(s.get('same_tokens_as_reference'), '.0%')} |")
     if "graph_costs" in r:
@@ -522,8 +529,11 @@ def markdown(r: dict) -> str:
                              f"{c['ms_per_call']:.3f} |")
     if "llamacpp spec" in r["systems"]:
         lines.append("(llamacpp spec runs as text in and out: its 'same tokens' is same text)")
-    lines += ["", "| ratio (tokens/s) | all generations | median generation |", "|---|---|---|"]
-    lines += [f"| {k} | {v:.2f}x | {r['ratios_median'][k]:.2f}x |" for k, v in r["ratios"].items()]
+    lines += ["", "| ratio (tokens/s) | all generations | median generation | decode only (prompt pass excluded) |",
+              "|---|---|---|---|"]
+    decode = r.get("ratios_decode", {})
+    lines += [f"| {k} | {v:.2f}x | {r['ratios_median'][k]:.2f}x | {f(decode.get(k), '.2f')}{'x' if k in decode else ''} |"
+              for k, v in r["ratios"].items()]
     if "claims" in r:
         c = r["claims"]
         lines += ["", f"Claims (MTAD vs SpS, bundle {c['bundle']}; {c['prompts']} prompts, energy ESTIMATED from "

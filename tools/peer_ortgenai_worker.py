@@ -3,7 +3,8 @@
 Builds the target and the draft with onnxruntime-genai's model builder (fp32, CPU) into --cache once, assembles a
 speculative model folder (genai_config.json model.type "speculative", model.draft = the draft's decoder section),
 then serves JSON lines on stdin/stdout: {"mode": "ar"|"spec", "ids": [...], "n": N, "k": K} ->
-{"tokens": [...], "seconds": wall time of append_tokens + decode, "stats": get_speculative_stats() for spec}.
+{"tokens": [...], "seconds": wall time of append_tokens + decode, "prefill_seconds": that of append_tokens (the
+prompt), "stats": get_speculative_stats() for spec}.
 Greedy, batch 1, exactly N new tokens (min_length = max_length, so EOS cannot end a run early).
 """
 from __future__ import annotations
@@ -73,12 +74,14 @@ def main() -> None:
         t0 = time.perf_counter()
         gen = og.Generator(model, params)
         gen.append_tokens(ids)
+        prefill = time.perf_counter() - t0
         while not gen.is_done():
             gen.generate_next_token()
         seconds = time.perf_counter() - t0
         tokens = [int(t) for t in gen.get_sequence(0)][len(ids):]
         stats = gen.get_speculative_stats() if req["mode"] == "spec" else None
-        print(json.dumps({"tokens": tokens, "seconds": seconds, "stats": stats}), flush=True)
+        print(json.dumps({"tokens": tokens, "seconds": seconds, "prefill_seconds": prefill, "stats": stats}),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ How it decides (after onnxruntime-genai's adaptive-K rule, made safe for real me
 - a probe runs at least `dwell_rounds` rounds; it ends early when clearly better or worse (three standard errors after
   one dwell, two later) than the prior configuration, or when its power is likely over the budget (one standard
   error); it is kept only once its power is clearly within budget + 5%; undecided after 4 dwells it is kept at >= 97%
-  of the prior's score. A rejected probe doubles the probe interval (backoff): no oscillation round by round;
+  of the prior's score (at >= 100% when chasing throughput with no budget: no drift downhill). A rejected probe
+  doubles the probe interval (backoff): no oscillation round by round;
 - probing cost is bounded: no probe starts while the time spent in rejected probes exceeds PROBE_SHARE of the run.
 """
 from __future__ import annotations
@@ -480,7 +481,10 @@ class PowerController:
         elif probe.mean > prior.mean + margin:
             self._keep_probe(improved=True)
         elif self._here >= PROBE_DWELLS * self.dwell:
-            if probe.mean >= KEEP_RATIO * prior.mean:
+            # Under a budget an undecided probe may cost up to 3% of the score (it may also draw less power); chasing
+            # tokens/s alone it must at least match: each 97% step kept would compound into a drift downhill.
+            keep_at = 1.0 if self.budget_w is None and self.objective == "throughput" else KEEP_RATIO
+            if probe.mean >= keep_at * prior.mean:
                 self._keep_probe(improved=False)
             else:
                 self._reject_probe()
