@@ -43,21 +43,18 @@ def accept_length(logp: np.ndarray, logq: np.ndarray, tau: float) -> int:
     return int(passing[-1]) + 1 if passing.size else 0
 
 
-def _keep_greedy(picked: np.ndarray, greedy_beam: int, greedy_pair: int) -> tuple[np.ndarray, int]:
+def _keep_greedy(picked: list[int], greedy_beam: int, greedy_pair: int) -> tuple[list[int], int]:
     """Make sure the greedy chain's extension (greedy_pair: the greedy beam's argmax token, as a flat index) is among
     the picked pairs (replacing the last pick); returns the pairs and the greedy chain's new beam index (-1 once
     lost). A single beam is left alone: beam search of width 1 is the greedy chain anyway, and beam sampling of width
     1 is a sampled chain."""
     if greedy_beam < 0:
         return picked, -1
-    hit = np.flatnonzero(picked == greedy_pair)
-    if hit.size:
-        return picked, int(hit[0])
+    if greedy_pair in picked:
+        return picked, picked.index(greedy_pair)
     if len(picked) < 2:
         return picked, -1
-    picked = picked.copy()
-    picked[-1] = greedy_pair
-    return picked, len(picked) - 1
+    return picked[:-1] + [greedy_pair], len(picked) - 1
 
 
 def top_indices(x: np.ndarray, n: int) -> np.ndarray:
@@ -96,10 +93,13 @@ def beam_search_step(cum_logq: np.ndarray, logq: np.ndarray, width: int, greedy_
     # repeats one of them
     cand = sorted({(-(c + x), r * v + k) for r, (c, ks, xs) in enumerate(zip(cum_logq.tolist(), kid_rows, vals))
                    for k, x in zip(ks, xs) if x != -np.inf})
-    picked = np.array([i for _, i in cand[:width]], dtype=np.int64)
-    picked, greedy = _keep_greedy(picked, greedy_beam, greedy_beam * v + kid_rows[greedy_beam][0])
-    parents, tokens = np.divmod(picked, v)
-    return parents, tokens, cum_logq[parents] + logq[parents, tokens], greedy
+    score = {i: -neg for neg, i in cand[:width]}  # cum_logq[parent] + logq[parent, token], as NumPy would add them
+    picked, greedy = _keep_greedy(list(score), greedy_beam, greedy_beam * v + kid_rows[greedy_beam][0])
+    if greedy >= 0 and picked[greedy] not in score:  # the greedy pair replaced the last pick
+        r, k = divmod(picked[greedy], v)
+        score[picked[greedy]] = cum_logq.item(r) + logq.item(r, k)
+    parents, tokens = np.divmod(np.array(picked, dtype=np.int64), v)
+    return parents, tokens, np.array([score[i] for i in picked]), greedy
 
 
 def sample_distinct(rng: np.random.Generator, p: np.ndarray, n: int) -> np.ndarray:
@@ -128,10 +128,10 @@ def beam_sample_step(rng: np.random.Generator, cum_logq: np.ndarray, q: np.ndarr
     pi = np.exp(cum_logq - cum_logq.max())
     w = ((pi / pi.sum())[:, None] * q).ravel()
     support = np.flatnonzero(w)  # filtered draft rows keep top-k tokens: draw over those (zeros never change a CDF)
-    picked = support[sample_distinct(rng, w[support], min(width, support.size))]
+    picked = support[sample_distinct(rng, w[support], min(width, support.size))].tolist()
     greedy_pair = greedy_beam * q.shape[1] + int(np.argmax(q[greedy_beam])) if greedy_beam >= 0 else -1
     picked, greedy = _keep_greedy(picked, greedy_beam, greedy_pair)
-    parents, tokens = np.divmod(picked, q.shape[1])
+    parents, tokens = np.divmod(np.array(picked, dtype=np.int64), q.shape[1])
     return parents, tokens, cum_logq[parents] + np.log(q[parents, tokens]), greedy
 
 

@@ -123,7 +123,7 @@ def log_probs(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, top_
     None)."""
     x = _scaled(logits, temperature)
     if not 0 < top_k < x.shape[-1]:
-        out = log_softmax(filter_logits(x, 1.0, top_k, top_p))
+        out = log_softmax(x if top_p >= 1.0 else filter_logits(x, 1.0, top_k, top_p))
         return (out, None) if compact else out
     rows = x.reshape(-1, x.shape[-1])
     idx, keep = _kept_top_k(rows, top_k, top_p)
