@@ -81,17 +81,19 @@ def _filters(x: np.ndarray, top_k: int, top_p: float) -> bool:
     return 0 < top_k < x.shape[-1] or top_p < 1.0
 
 
-def _kept_top_k(x: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
-    """`_kept` for every row of x [R, V] at once when top-k applies (a draft's W beams in one go): the kept indices
-    [R, k] and a mask [R, k] of those top-p keeps after them."""
+def _kept_top_k(x: np.ndarray, top_k: int, top_p: float):
+    """`_kept` for every row of x [R, V] at once when top-k applies (a draft's W beams in one go): the top-k indices
+    [R, k], their values [R, k] (largest first when top-p applies) and a mask [R, k] of those top-p keeps (None:
+    all)."""
     rows = np.arange(x.shape[0])[:, None]  # fancy indexing: take_along_axis costs ~5 us a call here
     idx = np.argpartition(x, -top_k, axis=-1)[:, -top_k:]
-    if top_p >= 1.0:
-        return idx, np.ones(idx.shape, dtype=bool)
     vals = x[rows, idx]
+    if top_p >= 1.0:
+        return idx, vals, None
     order = np.argsort(-vals, axis=-1, kind="stable")
-    idx, p = idx[rows, order], softmax(vals[rows, order])
-    return idx, np.cumsum(p, axis=-1) - p < top_p  # kept while the mass strictly before a token is below p
+    idx, vals = idx[rows, order], vals[rows, order]
+    p = softmax(vals)
+    return idx, vals, np.cumsum(p, axis=-1) - p < top_p  # kept while the mass strictly before a token is below p
 
 
 def filter_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
@@ -105,9 +107,8 @@ def filter_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, 
     rows = x.reshape(-1, x.shape[-1])
     out = np.full(rows.shape, -np.inf, dtype=np.float32)
     if 0 < top_k < x.shape[-1]:
-        idx, keep = _kept_top_k(rows, top_k, top_p)
-        r = np.arange(len(rows))[:, None]
-        out[r, idx] = np.where(keep, rows[r, idx], -np.inf)
+        idx, vals, keep = _kept_top_k(rows, top_k, top_p)
+        out[np.arange(len(rows))[:, None], idx] = vals if keep is None else np.where(keep, vals, -np.inf)
         return out.reshape(x.shape)
     for row, o in zip(rows, out):
         idx = _kept(row, top_k, top_p)
@@ -126,9 +127,9 @@ def log_probs(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, top_
         out = log_softmax(x if top_p >= 1.0 else filter_logits(x, 1.0, top_k, top_p))
         return (out, None) if compact else out
     rows = x.reshape(-1, x.shape[-1])
-    idx, keep = _kept_top_k(rows, top_k, top_p)
+    idx, vals, keep = _kept_top_k(rows, top_k, top_p)
     r = np.arange(len(rows))[:, None]
-    lp = log_softmax(np.where(keep, rows[r, idx], -np.inf))
+    lp = log_softmax(vals if keep is None else np.where(keep, vals, -np.inf))
     if compact:
         order = np.argsort(idx, axis=-1)  # ascending ids: the columns keep the vocabulary's order (ties, sampling)
         shape = x.shape[:-1] + (top_k,)
