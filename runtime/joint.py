@@ -93,13 +93,10 @@ def beam_search_step(cum_logq: np.ndarray, logq: np.ndarray, width: int, greedy_
     # repeats one of them
     cand = sorted({(-(c + x), r * v + k) for r, (c, ks, xs) in enumerate(zip(cum_logq.tolist(), kid_rows, vals))
                    for k, x in zip(ks, xs) if x != -np.inf})
-    score = {i: -neg for neg, i in cand[:width]}  # cum_logq[parent] + logq[parent, token], as NumPy would add them
-    picked, greedy = _keep_greedy(list(score), greedy_beam, greedy_beam * v + kid_rows[greedy_beam][0])
-    if greedy >= 0 and picked[greedy] not in score:  # the greedy pair replaced the last pick
-        r, k = divmod(picked[greedy], v)
-        score[picked[greedy]] = cum_logq.item(r) + logq.item(r, k)
-    parents, tokens = np.divmod(np.array(picked, dtype=np.int64), v)
-    return parents, tokens, np.array([score[i] for i in picked]), greedy
+    picked, greedy = _keep_greedy([i for _, i in cand[:width]], greedy_beam, greedy_beam * v + kid_rows[greedy_beam][0])
+    pairs = [divmod(i, v) for i in picked]
+    parents, tokens = np.array(pairs, dtype=np.int64).reshape(-1, 2).T
+    return parents, tokens, np.array([cum_logq.item(r) + logq.item(r, k) for r, k in pairs]), greedy
 
 
 def sample_distinct(rng: np.random.Generator, p: np.ndarray, n: int) -> np.ndarray:
