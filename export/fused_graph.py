@@ -14,6 +14,11 @@ dtype's lowest value; zeros for a chain, the tree mask for tree verification), `
 buffer as the past (runtime/session.py), GroupQueryAttention writes the new entries in place; fed a plain past it
 returns concat(past, new) like the standard graph. It rejects batch > 1 with S > 1 and a past (beams decode one
 token a step; MCSD verifies as a tree).
+
+Beside it, `chain.onnx` is the same graph without `position_ids` and `attention_bias`, sharing its weights file:
+GroupQueryAttention then takes each token's position from the mask and is causal by itself, which is all a chain
+needs, and each of the two inputs costs ~6% of a 1-token call on this CPU (BENCHMARKS.md). The runtime runs chains
+on it and opens the tree graph only for tree verification.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ from mjsd.runtime.errors import ExportError
 from mjsd.runtime.tree import BIAS
 
 from .graph import GRAPH, _save
+
+CHAIN_GRAPH = "chain.onnx"
 from .sources import reason
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -158,8 +165,11 @@ def emit(model, max_context: int, fp16: bool = False):
         lm_w = g.node("Transpose", [embed], "lm_head/transpose", perm=[1, 0])[0]
     else:
         lm_w = g.init("lm_head.weight", _np(model.lm_head.weight).T)
-    logits = g.node("MatMul", [norm_in, lm_w], "lm_head")[0]
-    g.node("Cast", [logits], "logits_fp32", outputs=["logits"], to=TensorProto.FLOAT)
+    if fp16:  # logits leave the graph as float32
+        g.node("Cast", g.node("MatMul", [norm_in, lm_w], "lm_head"), "logits_fp32", outputs=["logits"],
+               to=TensorProto.FLOAT)
+    else:  # ORT keeps a float-to-float Cast: a copy of the logits a call
+        g.node("MatMul", [norm_in, lm_w], "lm_head", outputs=["logits"])
 
     vocab = model.lm_head.weight.shape[0]
     kv = ["batch_size", kv_heads, "past_sequence_length", head_dim]
@@ -193,5 +203,22 @@ def build_fused_graph(src: Path, out_dir: Path, max_context: int, fp16: bool = F
     if why:
         raise ExportError(f"the fused graph kind does not support {why}; export with --graph-kind standard")
     path = out_dir / GRAPH
-    _save(emit(model, max_context, fp16), path)
+    proto = emit(model, max_context, fp16)
+    import onnx
+
+    # weights in one external file, so that chain.onnx can name the same file (saving moves them out of `proto`)
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data")
+    onnx.save_model(chain_graph(proto), str(out_dir / CHAIN_GRAPH))
     return path
+
+
+def chain_graph(proto):
+    """The chain graph of a fused ModelProto (module docstring): its GroupQueryAttention nodes lose the optional
+    position_ids and attention_bias inputs (the last two), and the graph loses those inputs. Edits `proto`."""
+    for node in proto.graph.node:
+        if node.op_type == "GroupQueryAttention":
+            del node.input[9:]
+    for name in ("position_ids", BIAS):
+        proto.graph.input.remove(next(i for i in proto.graph.input if i.name == name))
+    return proto

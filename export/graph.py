@@ -92,7 +92,8 @@ def read_io(path: Path) -> dict[str, Any]:
                           f"outputs {outputs[:3]}...)")
     dims = [d.dim_value if d.HasField("dim_value") else None for d in past[0].type.tensor_type.shape.dim]
     return {"inputs": inputs, "outputs": outputs, "num_layers": len(past) // 2, "num_kv_heads": dims[1],
-            "head_dim": dims[3], "dtype": _DTYPES.get(past[0].type.tensor_type.elem_type, "unknown")}
+            "head_dim": dims[3], "dtype": _DTYPES.get(past[0].type.tensor_type.elem_type, "unknown"),
+            "fused": any(n.op_type == "GroupQueryAttention" for n in g.node)}
 
 
 def _save(model, path: Path) -> None:

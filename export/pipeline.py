@@ -252,6 +252,10 @@ def _export_model(ck: _Checkpoint, bundle: Path, quantization: str | None, fp16:
     else:
         for p in graph.graph_files(raw):
             os.replace(p, model_dir / p.name)
+    # a fused graph's chain graph shares its weights file; a quantized graph has new weights, so it has none
+    chain = model_dir / fused_graph.CHAIN_GRAPH if fused and not quantization else None
+    if chain is not None:
+        os.replace(work / chain.name, chain)
     shutil.rmtree(work)
     (model_dir / "config.json").write_text(ck.config.to_json_string(), encoding="utf-8")
     steps.update()
@@ -269,11 +273,14 @@ def _export_model(ck: _Checkpoint, bundle: Path, quantization: str | None, fp16:
             ref, tree_ref = reference_logits(ck.path, ids, tree_ids, lengths["tree_context"])
             validation = validate_graph(final, io, ref, ids, precision, r, (tree_ids, tree_ref), lengths)
         else:
-            validation = validate_graph(final, io, reference_logits(ck.path, ids), ids, precision, r,
-                                        lengths=lengths)
+            ref = reference_logits(ck.path, ids)
+            validation = validate_graph(final, io, ref, ids, precision, r, lengths=lengths)
+        if chain is not None:  # the chain graph runs every chain: validated on its own
+            validation["chain"] = validate_graph(chain, graph.read_io(chain), ref, ids, precision, r, lengths=lengths)
     steps.update()
-    files = [*graph.graph_files(final), model_dir / "config.json"]
+    files = [*graph.graph_files(final), *([chain] if chain is not None else []), model_dir / "config.json"]
     return {"path": f"{r}/{graph.GRAPH}", "files": {f"{r}/{p.name}": sha256_file(p) for p in files},
+            **({"chain_path": f"{r}/{chain.name}"} if chain is not None else {}),
             "model_type": ck.config.model_type, "num_layers": io["num_layers"], "num_kv_heads": io["num_kv_heads"],
             "head_dim": io["head_dim"], "num_attention_heads": ck.dims["num_attention_heads"],
             "hidden_size": ck.dims["hidden_size"], "vocab_size": ck.dims["vocab_size"],

@@ -143,7 +143,7 @@ def run_graph(path: Path, io: dict[str, Any], ids: np.ndarray, providers: list[s
               lengths: dict[str, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Prefill, one multi-token decode call, then one-token steps over ids [B, T]; return the logits of every
     position [B, T, V], and the decode tokens' logits fed one call per token instead [B, decode, V]."""
-    if ids.shape[0] > 1 and {"attention_mask", tree.BIAS} <= set(io["inputs"]):
+    if ids.shape[0] > 1 and io.get("fused"):
         # a fused graph (GroupQueryAttention) refuses batch > 1 with several tokens and a past: one row at a time
         rows = [run_graph(path, io, ids[i:i + 1], providers, lengths) for i in range(ids.shape[0])]
         return tuple(np.concatenate(parts, axis=0) for parts in zip(*rows))

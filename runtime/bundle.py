@@ -5,7 +5,8 @@ Layout::
 
     BUNDLE/bundle.json
     BUNDLE/target/model.onnx (+ model.onnx.data when weights are external)
-    BUNDLE/draft/model.onnx
+    BUNDLE/target/chain.onnx (fused models: the chain graph, on model.onnx.data; ModelSpec.chain_path)
+    BUNDLE/draft/model.onnx (+ the same)
     BUNDLE/tokenizer/tokenizer.json (+ tokenizer_config.json, special_tokens_map.json)
 """
 from __future__ import annotations
@@ -40,6 +41,8 @@ _MODEL_FIELDS: dict[str, type | tuple[type, ...]] = {
     "inputs": list,
     "outputs": list,
 }
+# Inputs a fused model's chain graph drops (ModelSpec.chain_path)
+CHAIN_DROPS = ("position_ids", "attention_bias")
 # KV cache dtypes a bundle may declare, and the ONNX Runtime type of their past/present tensors.
 KV_DTYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
 
@@ -100,6 +103,19 @@ class ModelSpec:
     def tree_attention(self) -> bool:
         """True when the graph takes a 4-D additive attention bias (tree verification)."""
         return bool(self.entry.get("tree_attention", False))
+
+    @property
+    def chain_path(self) -> Path | None:
+        """A fused model's chain graph (manifest `chain_path`): the same decoder and weights without position_ids
+        and attention_bias, which chains do not need (GroupQueryAttention takes the positions from the mask and is
+        causal by itself) and which cost ~10% of a 1-token call on CPU. None: the graph at `path` runs everything."""
+        rel = self.entry.get("chain_path")
+        return self.root / rel if rel else None
+
+    @property
+    def chain_inputs(self) -> list[str]:
+        """The chain graph's inputs."""
+        return [n for n in self.inputs if n not in CHAIN_DROPS]
 
     @property
     def graph_kind(self) -> str:
@@ -190,6 +206,10 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> None:
                  f"mjsd knows ({', '.join(KV_DTYPES)}); re-export the bundle with this version of `mjsd export`")
         _require(not e.get("tree_attention") or "attention_bias" in e["inputs"], f"{where}: models.{role} claims "
                  "tree_attention but its graph has no attention_bias input; re-export the bundle")
+        if "chain_path" in e:
+            _require(isinstance(e["chain_path"], str) and e["chain_path"] in e["files"] and
+                     e.get("graph_kind") == "fused", f"{where}: models.{role}.chain_path must name a listed graph "
+                     "file of a fused model")
     _require(m["tokenizer"]["path"] in m["tokenizer"]["files"], f"{where}: tokenizer.files does not list "
              f"tokenizer.path {m['tokenizer']['path']}")
 
@@ -333,9 +353,8 @@ def external_data_locations(path: Path) -> list[str]:
             return found
 
 
-def _check_external_data(root: Path, spec: dict[str, Any], what: str) -> None:
-    """Each external data file of the graph must be inside the bundle and listed (hashed) in the manifest."""
-    rel = spec["path"]
+def _check_external_data(root: Path, spec: dict[str, Any], what: str, rel: str) -> None:
+    """Each external data file of the graph `rel` must be inside the bundle and listed (hashed) in the manifest."""
     _require((root / rel).is_file(), f"{what}: file {rel} is missing from the bundle at {root}; the bundle is "
              "incomplete, re-export it with `mjsd export`")
     try:
@@ -383,7 +402,9 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         for rel in names:
             resolve_inside(root, rel, what)
     for role in ROLES:  # the graphs are inside; what they point to is checked before ORT or a hash reads it
-        _check_external_data(root, manifest["models"][role], f"{role} model")
+        entry = manifest["models"][role]
+        for rel in (entry["path"], *([entry["chain_path"]] if "chain_path" in entry else [])):
+            _check_external_data(root, entry, f"{role} model", rel)
     _check_files(root, tok["files"], "tokenizer", verify)
     specs = {}
     for role in ROLES:
@@ -394,20 +415,22 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     return bundle
 
 
-def check_session_io(spec: ModelSpec, inputs: list, outputs: list) -> None:
-    """Compare a loaded graph's I/O with the manifest; refuse a mismatched graph with one clear line.
+def check_session_io(spec: ModelSpec, inputs: list, outputs: list, chain: bool = False) -> None:
+    """Compare a loaded graph's I/O (chain: of the model's chain graph) with the manifest; refuse a mismatched graph
+    with one clear line.
 
     inputs / outputs: ONNX Runtime's NodeArgs (name, shape, type), or plain names (then only names are checked).
     Checked: the names, the number of KV layers, the KV heads and head_dim of every past/present tensor, their
     dtype, and the logit width, i.e. every manifest dimension the runtime sizes its buffers with."""
     names = {kind: [getattr(a, "name", a) for a in args] for kind, args in (("inputs", inputs), ("outputs", outputs))}
-    for kind, declared in (("inputs", spec.inputs), ("outputs", spec.outputs)):
+    graph = (spec.chain_path if chain else spec.path).name
+    for kind, declared in (("inputs", spec.chain_inputs if chain else spec.inputs), ("outputs", spec.outputs)):
         missing, extra = sorted(set(declared) - set(names[kind])), sorted(set(names[kind]) - set(declared))
-        _require(not missing and not extra, f"{spec.role} model {spec.path.name}: graph {kind} do not match the "
+        _require(not missing and not extra, f"{spec.role} model {graph}: graph {kind} do not match the "
                  f"manifest (missing {missing}, unexpected {extra}); the bundle is mismatched, re-export it")
 
     def mismatch(what: str, manifest_value, graph_value) -> str:
-        return (f"{spec.role} model {spec.path.name}: the manifest says {what}={manifest_value} but the graph has "
+        return (f"{spec.role} model {graph}: the manifest says {what}={manifest_value} but the graph has "
                 f"{graph_value}; bundle.json was edited or belongs to another graph, re-export the bundle")
 
     layers = sum(n.startswith("past_key_values.") and n.endswith(".key") for n in names["inputs"])

@@ -23,7 +23,6 @@ import numbers
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -55,7 +54,8 @@ class Result:
 
 
 class Turns:
-    """A FIFO lock over rounds: `with turns.turn():` waits until every generation that asked earlier had its turn."""
+    """A FIFO lock over rounds: `with turns.turn():` waits until every generation that asked earlier had its turn.
+    A free lock is taken without queueing: a lone generation pays one lock acquisition a round."""
 
     def __init__(self):
         self._cond = threading.Condition()
@@ -67,19 +67,22 @@ class Turns:
         """Generations waiting for a turn (the queue depth)."""
         return len(self._queue)
 
-    @contextmanager
-    def turn(self):
-        me = object()
+    def turn(self) -> Turns:
+        return self
+
+    def __enter__(self) -> None:
         with self._cond:
-            self._queue.append(me)
-            self._cond.wait_for(lambda: not self._busy and self._queue[0] is me)
-            self._queue.popleft()
+            if self._busy or self._queue:
+                me = object()
+                self._queue.append(me)
+                self._cond.wait_for(lambda: not self._busy and self._queue[0] is me)
+                self._queue.popleft()
             self._busy = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._busy = False
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._busy = False
+            if self._queue:
                 self._cond.notify_all()
 
 

@@ -1,7 +1,7 @@
 """An fp16 copy of a fused fp32 graph, for CUDA (GroupQueryAttention has no fp32 CUDA kernel).
 
 The fused graph (export/fused_graph.py) declares no intermediate types, so fp16 is its float initializers and its
-float inputs/outputs in fp16; `logits` stays float32 (the graph ends in a Cast). The copy is cached by the graph's
+float inputs/outputs in fp16; `logits` stays float32 (a Cast is appended where the graph has none). The copy is cached by the graph's
 sha256 under $MJSD_CACHE_DIR (default ~/.cache/mjsd/fp16) and written atomically, so a bundle converts once.
 Needs the `onnx` package (in the gpu extra).
 """
@@ -26,6 +26,11 @@ def convert(src: Path, dst: Path) -> None:
     from onnx import TensorProto, numpy_helper
 
     model = onnx.load(str(src))
+    last = next(n for n in model.graph.node if "logits" in n.output)
+    if last.op_type != "Cast":  # an fp32 graph ends in the lm_head MatMul: cast its fp16 output back to float32
+        last.output[list(last.output).index("logits")] = "logits_fp16"
+        model.graph.node.append(onnx.helper.make_node("Cast", ["logits_fp16"], ["logits"], name="logits_fp32",
+                                                      to=TensorProto.FLOAT))
     for t in model.graph.initializer:
         if t.data_type == TensorProto.FLOAT:
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
@@ -45,9 +50,14 @@ def convert(src: Path, dst: Path) -> None:
 
 
 def fp16_spec(spec: ModelSpec) -> ModelSpec:
-    """The spec of the cached fp16 copy of a fused fp32 graph (converted on first use)."""
+    """The spec of the cached fp16 copy of a fused fp32 graph, and of its chain graph if any (converted on first
+    use; each copy holds its own weights)."""
     digest = next(d for rel, d in spec.entry["files"].items() if rel == spec.entry["path"]) or sha256_file(spec.path)
-    dst = cache_dir() / digest / "model.onnx"
-    if not dst.is_file():
-        convert(spec.path, dst)
-    return dataclasses.replace(spec, root=dst.parent, entry={**spec.entry, "path": dst.name, "dtype": "float16"})
+    entry = {**spec.entry, "path": "model.onnx", "dtype": "float16"}
+    if spec.chain_path is not None:
+        entry["chain_path"] = "chain.onnx"
+    for src, name in ((spec.path, "model.onnx"), (spec.chain_path, "chain.onnx")):
+        dst = cache_dir() / digest / name
+        if src is not None and not dst.is_file():
+            convert(src, dst)
+    return dataclasses.replace(spec, root=cache_dir() / digest, entry=entry)

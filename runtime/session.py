@@ -106,13 +106,12 @@ class ModelSession:
         provs = [(name, provider_options(name, spec, max_context=spec.max_context, max_batch=max_batch, fp16=fp16,
                                          engine_cache_path=engine_cache_path, device_id=device_id))
                  for name in chosen]
-        try:
-            self._sess = ort.InferenceSession(str(spec.path), opts, providers=provs)
-        except Exception as e:  # ORT's Fail/InvalidProtobuf/InvalidGraph...: the graph file is unusable
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BundleError(f"{spec.role} model {spec.path}: ONNX Runtime could not load the graph ({first}); "
-                              "the file is corrupt or incompatible, re-export the bundle with `mjsd export`") from None
-        check_session_io(spec, self._sess.get_inputs(), self._sess.get_outputs())
+        self._load_args = (opts, provs)
+        # A fused model with a chain graph runs chains on it and opens its tree graph on the first tree only
+        chain = spec.chain_path is not None and spec.graph_kind == "fused"
+        self._sess = self._load(spec, chain)
+        self._tree_sess = None if chain else self._sess
+        self._positional = not chain  # whether self._sess takes position_ids and attention_bias
         self.spec = spec
         self.providers = self._sess.get_providers()
         on_gpu = self.providers[0] in (ORT_NAMES["cuda"], ORT_NAMES["tensorrt"])
@@ -126,19 +125,45 @@ class ModelSession:
         # cache -> its _Binding: reused while that cache's buffers stay the same; weak, so a finished generation's
         # buffers are not kept alive by the session
         self._bindings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._tree_bindings = weakref.WeakKeyDictionary() if chain else self._bindings  # the tree session's
+        # weak references to the last call's cache and its _Binding: the next call on it needs no dictionary lookup
+        self._last = (lambda: None, lambda: None)
+        self._on_host = self.device is None or self.device[0] == "cpu"  # fused logits land in a kept host array
         self._buffers: dict[str, np.ndarray] = {}  # _filled's
         if self.fused:
             check_fused_support(spec, on_gpu)
         self.time_s = 0.0  # accumulated time inside ORT run calls
         self.calls = 0
 
+    def _load(self, spec: ModelSpec, chain: bool = False) -> ort.InferenceSession:
+        """An InferenceSession over the model's graph (chain: its chain graph), I/O checked against the manifest."""
+        path = spec.chain_path if chain else spec.path
+        try:
+            sess = ort.InferenceSession(str(path), self._load_args[0], providers=self._load_args[1])
+        except Exception as e:  # ORT's Fail/InvalidProtobuf/InvalidGraph...: the graph file is unusable
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BundleError(f"{spec.role} model {path}: ONNX Runtime could not load the graph ({first}); "
+                              "the file is corrupt or incompatible, re-export the bundle with `mjsd export`") from None
+        check_session_io(spec, sess.get_inputs(), sess.get_outputs(), chain)
+        return sess
+
+    def _tree(self) -> ort.InferenceSession:
+        if self._tree_sess is None:
+            log.info("%s model: opening the tree graph for the first token tree", self.spec.role)
+            self._tree_sess = self._load(self.spec)
+        return self._tree_sess
+
     def new_cache(self, batch: int = 1) -> KVCache:
         return KVCache.for_model(self.spec, batch, self.device, shared=self.fused)
 
-    def forward(self, tokens, cache: KVCache) -> np.ndarray:
-        """Run tokens [B, S] (or [S]) after the cache's past; the cache grows by S. Returns float32 logits [B,S,V]."""
+    def forward(self, tokens, cache: KVCache, copy: bool = True) -> np.ndarray:
+        """Run tokens [B, S] (or [S]) after the cache's past; the cache grows by S. Returns float32 logits [B,S,V].
+        copy=False may return the session's own output array, overwritten by the next call on this cache: for a
+        caller that is done with the logits before then (AR), it saves a copy of them a token."""
         ids = _rows(tokens)
-        if self.spec.tree_attention and not self.fused:
+        if self.fused:
+            return self._run_fused(ids, cache, None, copy)
+        if self.spec.tree_attention:
             return self._run(ids, cache, tree.chain(ids.shape[1]))
         return self._run(ids, cache)
 
@@ -183,9 +208,11 @@ class ModelSession:
         cache.update(presents)
         return logits.astype(np.float32, copy=False)
 
-    def _run_fused(self, ids: np.ndarray, cache: KVCache, parents: np.ndarray | None) -> np.ndarray:
+    def _run_fused(self, ids: np.ndarray, cache: KVCache, parents: np.ndarray | None, copy: bool = True):
         """Fused graph: the cache's shared buffer is bound as past and present; the new KV is written in place."""
         b, s = ids.shape
+        if b != cache.batch:
+            raise ValueError(f"{b} token rows for a cache of {cache.batch} rows")
         past = cache.length
         if past == 0 and parents is not None and s > 1 and np.any(parents != tree.chain(s)):
             # with no past, GroupQueryAttention ignores position_ids and the bias (its first-prompt path): feed the
@@ -195,60 +222,85 @@ class ModelSession:
             first = self._run_fused(ids[:, :1], cache, None)
             return np.concatenate([first, self._run_fused(ids[:, 1:], cache, parents[1:] - 1)], axis=1)
         cache.reserve(s)
-        if parents is None:  # a chain: GroupQueryAttention is causal by itself, the bias adds nothing
-            positions, bias = None, self._filled("zeros", s * (past + s)).reshape(1, 1, s, past + s)
-        else:
-            positions = tree.positions(parents, past)[None]
-            bias = tree.attention_bias(parents, past, DTYPES[self.spec.dtype])
         if b > 1 and s > 1 and past:
             # GroupQueryAttention refuses several rows of several tokens after a past: one row at a time (MJGD's
             # enumeration; beams feed one token a step and MCSD verifies as a tree, so decoding never gets here)
+            positions, bias = self._inputs(parents, past, s)
             logits = np.concatenate([self._bind_run(ids[r:r + 1], past, positions, bias, cache.bound(r))
                                      for r in range(b)])
+        elif parents is None and past and self._on_host:
+            logits = self._bind_run(ids, past, None, None, cache.bound(), cache, copy)  # the kept full-width inputs
         else:
-            logits = self._bind_run(ids, past, positions, bias, cache.bound(), cache)
+            logits = self._bind_run(ids, past, *self._inputs(parents, past, s), cache.bound(), cache, copy,
+                                    on_tree=parents is not None)
         cache.advance(s)
         return logits
 
-    def _bind_run(self, ids: np.ndarray, past: int, positions: np.ndarray | None, bias: np.ndarray, kv: list,
-                  cache: KVCache | None = None) -> np.ndarray:
-        """One run over the KV OrtValues kv (bound as past and present). positions: [1, S] (None: a chain after
-        `past`). A cache's binding is kept while its buffers and the call's shape stay the same: per call only the
-        mask and bias (their width grows) are rebound, and the token ids, positions and logits live in kept arrays
-        bound once (binding costs ~45 us for an output inside ORT's run, ~1 us for an input)."""
+    def _inputs(self, parents: np.ndarray | None, past: int, s: int) -> tuple[np.ndarray | None, np.ndarray]:
+        """positions [1, S] (None: a chain) and attention bias [1, 1, S, past + S] of a call."""
+        if parents is None:  # a chain: GroupQueryAttention is causal by itself, the bias adds nothing
+            return None, self._filled("zeros", s * (past + s)).reshape(1, 1, s, past + s)
+        return tree.positions(parents, past)[None], tree.attention_bias(parents, past, DTYPES[self.spec.dtype])
+
+    def _bind_run(self, ids: np.ndarray, past: int, positions: np.ndarray | None, bias: np.ndarray | None, kv: list,
+                  cache: KVCache | None = None, copy: bool = True, on_tree: bool = False) -> np.ndarray:
+        """One run over the KV OrtValues kv (bound as past and present), on the tree graph's session if `on_tree`.
+        positions: [1, S] (None: a chain after `past`). bias None: a chain on the host, run on the binding's kept
+        mask and zero bias as wide as the whole buffer (GroupQueryAttention reads the length from the mask's ones),
+        so such a call writes a few ints and rebinds nothing. A cache's binding is kept while its buffers and the
+        call's shape stay the same, with the arrays bound to it (token ids, positions, logits): right after a call,
+        whose weights flushed the CPU caches, each rebinding costs ~20 us of cold Python and pybind. A session
+        without position_ids and attention_bias (a chain graph) is fed neither. copy=False returns the host logits
+        array itself, valid until the next call on this cache."""
         b, s = ids.shape
-        entry = self._bindings.get(cache) if cache is not None else None
+        sess, bindings = (self._tree(), self._tree_bindings) if on_tree else (self._sess, self._bindings)
+        entry = None
+        if cache is not None:
+            entry = self._last[1]() if not on_tree and self._last[0]() is cache else bindings.get(cache)
         if entry is None or entry.kv is not kv:
-            entry = _Binding(self._sess.io_binding(), kv)
+            entry = _Binding(sess.io_binding(), kv, positional=on_tree or self._positional)
             for past_name, present_name, t in zip(self._past, self._present, kv):
                 entry.io.bind_ortvalue_input(past_name, t)
                 entry.io.bind_ortvalue_output(present_name, t)
             if cache is not None:
-                self._bindings[cache] = entry
-        on_host = self.device is None or self.device[0] == "cpu"
+                bindings[cache] = entry
+        if cache is not None and not on_tree and self._last[1]() is not entry:
+            self._last = (weakref.ref(cache), weakref.ref(entry))
         io = entry.io
         if entry.shape != (b, s):
-            entry.shape = (b, s)
+            entry.shape, entry.mask = (b, s), None
             entry.ids, entry.positions = np.empty((b, s), np.int64), np.empty((b, s), np.int64)
             io.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(entry.ids))
-            io.bind_ortvalue_input("position_ids", ort.OrtValue.ortvalue_from_numpy(entry.positions))
-            if on_host:  # ORT writes the logits into this array: get_outputs() would wrap all 2 x layers outputs
+            if entry.positional:
+                io.bind_ortvalue_input("position_ids", ort.OrtValue.ortvalue_from_numpy(entry.positions))
+            if self._on_host:  # ORT writes the logits into this array: get_outputs() would wrap all 2 x layers outputs
                 entry.logits = np.empty((b, s, self.spec.vocab_size), np.float32)
                 io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(entry.logits))
             else:
                 io.bind_output("logits", "cpu")
-        entry.ids[...] = ids
-        if positions is None:
-            entry.positions[...] = past if s == 1 else np.arange(past, past + s)
+        if b == s == 1:  # a scalar write: every NumPy call here runs on cold caches
+            entry.ids[0, 0] = ids[0, 0]
         else:
-            entry.positions[...] = positions
-        io.bind_cpu_input("attention_mask", self._filled("ones", b * bias.shape[-1]).reshape(b, -1))
-        io.bind_cpu_input(tree.BIAS, bias)
+            entry.ids[...] = ids
+        if entry.positional:
+            if s == 1:
+                entry.positions[:, 0] = past if positions is None else positions[:, 0]
+            else:
+                entry.positions[...] = np.arange(past, past + s) if positions is None else positions
+        if bias is None:
+            entry.fill(past + s, cache.capacity, DTYPES[self.spec.dtype])
+        else:
+            entry.mask = None
+            io.bind_cpu_input("attention_mask", self._filled("ones", b * bias.shape[-1]).reshape(b, -1))
+            if entry.positional:
+                io.bind_cpu_input(tree.BIAS, bias)
         t0 = time.perf_counter()
-        self._sess.run_with_iobinding(io)
+        sess.run_with_iobinding(io)
         self.time_s += time.perf_counter() - t0
         self.calls += 1
-        return entry.logits.copy() if on_host else io.get_outputs()[0].numpy()
+        if self._on_host:
+            return entry.logits.copy() if copy else entry.logits
+        return io.get_outputs()[0].numpy()
 
     def _filled(self, kind: str, n: int) -> np.ndarray:
         """n ones (int64: the attention mask) or zeros (the model dtype: a chain's bias), a view of a kept buffer:
@@ -296,11 +348,29 @@ def check_fused_support(spec, on_gpu: bool, version: str = ort.__version__) -> N
 
 class _Binding:
     """A fused session's IOBinding over one cache's KV OrtValues, with the kept arrays bound to its small inputs."""
-    __slots__ = ("io", "kv", "shape", "ids", "positions", "logits")
+    __slots__ = ("io", "kv", "positional", "shape", "ids", "positions", "logits", "mask", "bias", "filled", "__weakref__")
 
-    def __init__(self, io, kv: list):
-        self.io, self.kv, self.shape = io, kv, None
-        self.ids = self.positions = self.logits = None
+    def __init__(self, io, kv: list, positional: bool):
+        self.io, self.kv, self.positional, self.shape = io, kv, positional, None
+        self.ids = self.positions = self.logits = self.mask = self.bias = None
+        self.filled = 0
+
+    def fill(self, length: int, width: int, dtype) -> None:
+        """Bind (once per shape and buffer width) a [B, width] mask and a [1, 1, S, width] zero bias, and set the
+        mask's first `length` columns to one, the rest to zero, writing only the columns that changed."""
+        if self.mask is None or self.mask.shape[1] != width:
+            self.mask, self.filled = np.zeros((self.shape[0], width), np.int64), 0
+            self.bias = np.zeros((1, 1, self.shape[1], width), dtype)
+            self.io.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(self.mask))
+            if self.positional:
+                self.io.bind_ortvalue_input(tree.BIAS, ort.OrtValue.ortvalue_from_numpy(self.bias))
+        if length == self.filled + 1 and self.shape[0] == 1:  # one token of one row: a scalar write
+            self.mask[0, self.filled] = 1
+        elif length > self.filled:
+            self.mask[:, self.filled:length] = 1
+        elif length < self.filled:
+            self.mask[:, length:self.filled] = 0
+        self.filled = length
 
 
 def _rows(tokens) -> np.ndarray:

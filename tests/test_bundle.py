@@ -59,11 +59,11 @@ def test_edited_manifest(bundle, edit, message):
 
 
 def test_flipped_bytes_fail_the_sha256(bundle):
-    graph = bundle / "target" / "model.onnx"
+    graph = max((bundle / "target").iterdir(), key=lambda p: p.stat().st_size)  # the weights (fused: external)
     data = bytearray(graph.read_bytes())
     data[len(data) // 2] ^= 0xFF
     graph.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="target model: target/model.onnx does not match its sha256"):
+    with pytest.raises(BundleError, match=f"target model: target/{graph.name} does not match its sha256"):
         load_bundle(bundle)
     load_bundle(bundle, verify=False)  # --no-verify skips the hash, so the next layer must catch it
 
@@ -85,9 +85,11 @@ def test_truncated_graph_with_matching_sha_is_refused_at_load(bundle):
 def test_well_formed_protobuf_that_is_no_graph_fails_clearly_in_the_session(bundle):
     from mjsd.runtime.session import ModelSession
 
-    graph = bundle / "draft" / "model.onnx"
+    spec = load_bundle(bundle).draft
+    graph = spec.chain_path or spec.path  # the graph a session opens first (fused: the chain graph)
     graph.write_bytes(b"\x08\x07")  # ModelProto{ir_version: 7} and nothing else
-    _edit(bundle, lambda m: m["models"]["draft"]["files"].update({"draft/model.onnx": sha256_file(graph)}))
+    rel = graph.relative_to(bundle).as_posix()
+    _edit(bundle, lambda m: m["models"]["draft"]["files"].update({rel: sha256_file(graph)}))
     b = load_bundle(bundle)  # only ONNX Runtime can tell this is no usable graph
     with pytest.raises(BundleError, match="draft model .*ONNX Runtime could not load the graph"):
         ModelSession(b.draft)

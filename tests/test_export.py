@@ -98,7 +98,12 @@ def test_manifest_records_the_models(llama_bundle, llama_checkpoints):
     assert b.max_context == 256 and t["dtype"] == "float32" and t["quantization"] is None
     assert t["inputs"][:3] == ["input_ids", "attention_mask", "position_ids"]
     assert "present.2.value" in t["outputs"] and "past_key_values.0.key" in d["inputs"]
-    assert set(t["files"]) == {"target/model.onnx", "target/config.json"}
+    if t["graph_kind"] == "fused":  # the chain graph shares the tree graph's weights file
+        assert set(t["files"]) == {"target/model.onnx", "target/model.onnx.data", "target/chain.onnx",
+                                   "target/config.json"} and t["chain_path"] == "target/chain.onnx"
+        assert t["validation"]["chain"]["max_abs_diff"] < logits_atol("fused")
+    else:
+        assert set(t["files"]) == {"target/model.onnx", "target/config.json"} and "chain_path" not in t
     assert t["num_parameters"] == sum(p.numel() for p in
                                       __import__("transformers").AutoModelForCausalLM.from_pretrained(
                                           llama_checkpoints[0]).parameters())

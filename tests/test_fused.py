@@ -151,6 +151,7 @@ def test_fp16_copy_for_cuda_matches_fp32(fused, tmp_path, monkeypatch):
 
 def test_bindings_are_reused_and_released_with_their_cache(fused):
     import gc
+    import weakref
 
     s = ModelSession(fused.target, threads=1)
     c = s.new_cache()
@@ -164,6 +165,39 @@ def test_bindings_are_reused_and_released_with_their_cache(fused):
     c.repeat(2)
     s.forward([[6], [7]], c)
     assert s._bindings[c] is not binding  # new row count: new views, new binding
+    buffer = weakref.ref(c.keys[0])
     del c, binding
     gc.collect()
-    assert len(s._bindings) == 0  # a finished generation's KV buffers are not kept alive by the session
+    assert len(s._bindings) == 0 and buffer() is None  # a finished generation's buffers are not kept alive
+
+
+def test_chains_run_on_the_chain_graph_and_trees_open_the_tree_graph(fused, tmp_path):
+    """The chain graph (no position_ids / attention_bias) runs every chain, with the same KV buffer as the tree
+    graph, which opens on the first tree; a fused bundle without a chain graph runs everything on its one graph."""
+    import json
+    import shutil
+
+    s = ModelSession(fused.target, threads=1)
+    assert s._tree_sess is None and {i.name for i in s._sess.get_inputs()}.isdisjoint({"position_ids",
+                                                                                        "attention_bias"})
+    c = s.new_cache()
+    s.forward(IDS[:6], c)
+    s.forward(IDS[6:8], c)
+    tree = s.forward_tree([5, 6, 7], [-1, 0, 0], c)
+    assert s._tree_sess is not None
+    np.testing.assert_allclose(tree[0, 2], s.forward(IDS[:8] + [5, 7], s.new_cache())[0, -1], atol=1e-4)
+    c.keep(list(range(8)) + [8, 10])
+    assert_same_kv(c, fresh(s, IDS[:8] + [5, 7]))
+    # copy=False: the session's own logits array, which the next call on this cache overwrites (AR reads it at once)
+    assert s.forward([9], c, copy=False) is s.forward([3], c, copy=False) is not s.forward([4], c)
+    old = tmp_path / "old"  # a fused bundle from before chain graphs
+    shutil.copytree(fused.root, old)
+    m = json.loads((old / "bundle.json").read_text())
+    for e in m["models"].values():
+        del e["files"][e.pop("chain_path")]
+    (old / "bundle.json").write_text(json.dumps(m))
+    one = ModelSession(load_bundle(old).target, threads=1)
+    assert one._tree_sess is one._sess
+    a, b = one.new_cache(), s.new_cache()
+    for x, y in ((one.forward(IDS[:6], a), s.forward(IDS[:6], b)), (one.forward([9], a), s.forward([9], b))):
+        np.testing.assert_allclose(x, y, atol=1e-5)

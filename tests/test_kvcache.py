@@ -175,6 +175,11 @@ def test_corrupt_graph_is_a_bundle_error(llama_bundle, tmp_path):
     root = _copy_bundle(llama_bundle, tmp_path / "b")
     spec = load_bundle(root, verify=False).target
     spec.path.write_bytes(b"not an onnx graph")
+    if spec.chain_path is not None:  # fused: chains run on the chain graph, the tree graph opens on the first tree
+        s = ModelSession(spec)
+        with pytest.raises(BundleError, match="model.onnx: ONNX Runtime could not load the graph.*re-export"):
+            s.forward_tree([5, 6], [-1, 0], s.new_cache())
+        spec.chain_path.write_bytes(b"not an onnx graph")
     with pytest.raises(BundleError, match="could not load the graph.*re-export"):
         ModelSession(spec)
 

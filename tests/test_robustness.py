@@ -159,6 +159,11 @@ LOAD_CASES = [
     ("model path: absolute", _edit(lambda m, b, o: m["models"]["target"].update(
         path=str(o / "secret.bin"), files={**m["models"]["target"]["files"], str(o / "secret.bin"): "0" * 64})),
      "is an absolute path"),
+    ("chain graph path: absolute", _edit(lambda m, b, o: m["models"]["target"].update(
+        chain_path=str(o / "secret.bin"), graph_kind="fused",
+        files={**m["models"]["target"]["files"], str(o / "secret.bin"): "0" * 64})), "is an absolute path"),
+    ("chain graph path: not listed", _edit(lambda m, b, o: m["models"]["target"].update(chain_path="../secret.bin")),
+     "chain_path must name a listed graph file"),
     ("tokenizer path: absolute", _edit(lambda m, b, o: m["tokenizer"].update(
         path=str(o / "secret.bin"), files={**m["tokenizer"]["files"], str(o / "secret.bin"): "0" * 64})),
      "is an absolute path"),

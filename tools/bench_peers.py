@@ -394,7 +394,14 @@ def main() -> None:
 
 
 def graph_costs(engines: dict, prefix: dict, role: str, cache: Path, threads: int) -> dict:
-    paths = {f"{prefix[lb]} ({e.bundle.model(role).graph_kind})": e.bundle.model(role).path for lb, e in engines.items()}
+    paths = {}
+    for lb, e in engines.items():
+        spec = e.bundle.model(role)
+        if spec.chain_path is not None:  # what every chain runs on; the tree graph serves tree verification
+            paths[f"{prefix[lb]} (fused, chain graph)"] = spec.chain_path
+            paths[f"{prefix[lb]} (fused, tree graph)"] = spec.path
+        else:
+            paths[f"{prefix[lb]} ({spec.graph_kind})"] = spec.path
     paths["onnxruntime-genai builder"] = cache / role / "model.onnx"
     return graph_costs_of(paths, threads)
 

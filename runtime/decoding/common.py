@@ -19,7 +19,7 @@ from ..config import GenerationConfig
 from ..errors import ConfigError
 from ..kvcache import KVCache
 from ..repetition import NGramIndex, ban_repeats, ban_tokens
-from ..sampling import greedy, probs, sample, shared_vocab
+from ..sampling import probs, sample, shared_vocab
 from ..session import ModelSession
 from ..stats import GenerationStats
 
@@ -68,7 +68,7 @@ class DecodeContext:
     def pick(self, logits: np.ndarray) -> int:
         """One next token from [V] logits: argmax at T = 0, else a sample of the filtered distribution."""
         if self.cfg.temperature == 0:
-            return greedy(shared_vocab(logits, self.vocab_size))
+            return int(shared_vocab(logits, self.vocab_size).argmax())  # greedy's first index on ties
         return sample(self.dist(logits), self.rng)
 
 
