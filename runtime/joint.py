@@ -6,6 +6,7 @@ Beam steps work on a flattened (beam, token) table: index i stands for beam i //
 """
 from __future__ import annotations
 
+import bisect
 import itertools
 
 import numpy as np
@@ -122,14 +123,59 @@ def beam_sample_step(rng: np.random.Generator, cum_logq: np.ndarray, q: np.ndarr
     pairs, since it recomputes pi from their joint Q. Same arguments and results as `beam_search_step`, with
     q [B, V] the filtered draft probabilities (or [B, k] over each row's support, ascending token ids: the tokens
     returned are then columns); results come in sampled order."""
+    v = q.shape[1]
+    if q.size <= FEW:  # a draft step's W x top-k support: Python floats, the same draws and results as NumPy's
+        pi = np.exp(cum_logq - cum_logq.max())
+        picked, greedy_col = _draw_pairs_floats(rng, (pi / pi.sum()).tolist(), q.tolist(), width, greedy_beam)
+    else:
+        picked, greedy_col = _draw_pairs(rng, cum_logq, q, width, greedy_beam)
+    picked, greedy = _keep_greedy(picked, greedy_beam, greedy_beam * v + greedy_col if greedy_beam >= 0 else -1)
+    parents, tokens = np.divmod(np.array(picked, dtype=np.int64), v)
+    return parents, tokens, cum_logq[parents] + np.log(q[parents, tokens]), greedy
+
+
+FEW = 256  # at most this many (beam, token) pairs are drawn from on Python floats (a dozen NumPy calls cost more)
+
+
+def _draw_pairs(rng: np.random.Generator, cum_logq: np.ndarray, q: np.ndarray, width: int,
+                greedy_beam: int) -> tuple[list[int], int]:
+    """beam_sample_step's draw: the picked flat (beam, token) indices and the greedy beam's argmax column."""
     pi = np.exp(cum_logq - cum_logq.max())
     w = ((pi / pi.sum())[:, None] * q).ravel()
     support = np.flatnonzero(w)  # filtered draft rows keep top-k tokens: draw over those (zeros never change a CDF)
     picked = support[sample_distinct(rng, w[support], min(width, support.size))].tolist()
-    greedy_pair = greedy_beam * q.shape[1] + int(np.argmax(q[greedy_beam])) if greedy_beam >= 0 else -1
-    picked, greedy = _keep_greedy(picked, greedy_beam, greedy_pair)
-    parents, tokens = np.divmod(np.array(picked, dtype=np.int64), q.shape[1])
-    return parents, tokens, cum_logq[parents] + np.log(q[parents, tokens]), greedy
+    return picked, int(np.argmax(q[greedy_beam])) if greedy_beam >= 0 else -1
+
+
+def _draw_pairs_floats(rng: np.random.Generator, pi: list[float], rows: list[list[float]], width: int,
+                       greedy_beam: int) -> tuple[list[int], int]:
+    """_draw_pairs on Python floats, given the normalised pi: the same IEEE operations in the same order (float32 q
+    widened exactly, sequential cumulative sums), so the same random draws pick the same pairs."""
+    v = len(rows[0])
+    support = [(r * v + j, p * x) for r, (p, row) in enumerate(zip(pi, rows)) for j, x in enumerate(row)]
+    support = [(i, x) for i, x in support if x]
+    drawn = _sample_distinct_floats(rng, [x for _, x in support], min(width, len(support)))
+    greedy_col = -1
+    if greedy_beam >= 0:
+        row = rows[greedy_beam]
+        greedy_col = row.index(max(row))  # the first index on ties, as argmax
+    return [support[i][0] for i in drawn], greedy_col
+
+
+def _sample_distinct_floats(rng: np.random.Generator, p: list[float], n: int) -> list[int]:
+    """sample_distinct on a list of floats (the same draws)."""
+    p, picked = list(p), []
+    while len(picked) < n:
+        cdf = list(itertools.accumulate(p))
+        for u in rng.random(4 * n).tolist():
+            i = bisect.bisect_right(cdf, u * cdf[-1])
+            if i < len(p) and i not in picked:
+                picked.append(i)
+                if len(picked) == n:
+                    break
+        for i in picked:
+            p[i] = 0.0
+    return picked
 
 
 def joint_prefixes(vocab: int, k: int) -> np.ndarray:

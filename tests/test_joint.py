@@ -166,3 +166,27 @@ def test_joint_prefixes_refuse_large_vocabularies():
     with pytest.raises(ConfigError, match="vocab"):
         joint_prefixes(32000, 2)
     assert 16 ** 4 <= MAX_JOINT_SEQUENCES
+
+
+def test_beam_sampling_on_floats_draws_what_numpy_draws(monkeypatch):
+    """A draft step's few (beam, token) pairs are drawn on Python floats (joint.FEW); with the same generator state
+    that gives exactly the NumPy route's pairs, joint scores and greedy beam (ties, zeros, up to 11 beams)."""
+    from mjsd.runtime import joint
+
+    gen = np.random.default_rng(0)
+    for t in range(3000):
+        b, k, width = int(gen.integers(1, 12)), int(gen.integers(1, 12)), int(gen.integers(1, 6))
+        logq = (gen.normal(size=(b, k)) * 2).astype(np.float32)
+        if t % 3 == 0:
+            logq[:, -2:] = -np.inf
+        if t % 5 == 0:
+            logq[:, :3] = logq[:, :1]
+        q, cum, greedy = np.exp(logq), gen.normal(size=b) * 3, int(gen.integers(-1, b))
+        if not q.any():
+            continue
+        runs = []
+        for few in (-1, 10**9):  # NumPy, then floats
+            monkeypatch.setattr(joint, "FEW", few)
+            runs.append(beam_sample_step(np.random.default_rng(t), cum, q, width, greedy))
+        (p1, t1, c1, g1), (p2, t2, c2, g2) = runs
+        assert np.array_equal(p1, p2) and np.array_equal(t1, t2) and np.array_equal(c1, c2) and g1 == g2
