@@ -98,6 +98,10 @@ class KVCache:
             self._bound = (self.batch, live)
         return self._bound[1]
 
+    def reset(self) -> None:
+        """Shared layout: empty and one row again, the buffers kept (a finished generation's cache, reused)."""
+        self.length, self.batch = 0, 1
+
     def crop(self, length: int) -> None:
         """Roll back to the first `length` positions (drop rejected draft tokens)."""
         if not 0 <= length <= self.length:

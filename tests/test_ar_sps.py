@@ -28,6 +28,9 @@ class NoisyDraft:
     def new_cache(self, batch=1):
         return self.s.new_cache(batch)
 
+    def release(self, cache):
+        self.s.release(cache)
+
     def forward(self, tokens, cache):
         self.calls += 1
         logits = self.s.forward(tokens, cache)

@@ -201,3 +201,24 @@ def test_chains_run_on_the_chain_graph_and_trees_open_the_tree_graph(fused, tmp_
     a, b = one.new_cache(), s.new_cache()
     for x, y in ((one.forward(IDS[:6], a), s.forward(IDS[:6], b)), (one.forward([9], a), s.forward([9], b))):
         np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_a_finished_generations_cache_is_reused(fused):
+    """The driver hands a generation's caches back; the next generation gets the same buffers (and binding), empty
+    and one row again, with the logits of a fresh cache."""
+    from mjsd.runtime.config import GenerationConfig
+    from mjsd.runtime.decoding.driver import generate_ids
+
+    s = ModelSession(fused.target, threads=1)
+    c = s.new_cache()
+    s.forward(IDS, c)
+    c.repeat(2)
+    s.release(c)
+    d = s.new_cache()
+    assert d is c and (d.length, d.batch) == (0, 1) and s.new_cache() is not c
+    np.testing.assert_allclose(s.forward(IDS[:5], d), s.forward(IDS[:5], KVCache.for_model(fused.target, shared=True)),
+                               atol=1e-5)
+    cfg = GenerationConfig(algo="ar", max_new_tokens=6, ignore_eos=True)
+    first, _ = generate_ids(s, IDS, cfg)
+    kept = list(s._spare)
+    assert kept and generate_ids(s, IDS, cfg)[0] == first and s._spare == kept  # taken and handed back

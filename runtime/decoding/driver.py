@@ -102,6 +102,9 @@ def stream_ids(target: ModelSession, prompt_ids: Sequence[int], cfg: GenerationC
         rounds.close()
         stats.wall_time_s = time.perf_counter() - t_start
         stats.decode_time_s = stats.wall_time_s - stats.prefill_time_s
+        for model, cache in ((ctx.target, ctx.target_cache), (ctx.draft, ctx.draft_cache)):
+            if cache is not None:  # the next generation reuses the buffers
+                model.release(cache)
 
 
 def _mark(target: ModelSession, draft: ModelSession | None) -> tuple:
