@@ -172,8 +172,8 @@ def _describe_bundle(root, manifest: dict, verified: bool) -> str:
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option("--graph-kind", type=click.Choice(["auto", "fused", "standard"]), default="auto", show_default=True,
               help="fused: ONNX Runtime's fused ops (GroupQueryAttention with rotary inside, fused norms and QKV, a "
-                   "shared in-place KV buffer, tree attention built in; Llama, Mistral, Qwen2: fastest on CPU, and on "
-                   "CUDA with --fp16). standard: standard ONNX ops from optimum (every architecture; TensorRT, which "
+                   "shared in-place KV buffer, tree attention built in, plus a chain graph without the tree inputs "
+                   "that chains run on; Llama, Mistral, Qwen2: fastest on CPU, and on CUDA with --fp16). standard: standard ONNX ops from optimum (every architecture; TensorRT, which "
                    "fuses them itself). auto: fused where the model is supported, else standard (said and recorded).")
 @click.option("--tree-attention", is_flag=True, help="Standard kind: export the target with a 4-D attention bias "
               "input, for tree verification (mmtad, mcsd --mcsd-strategy tree); fused graphs always have it.")
