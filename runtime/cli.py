@@ -136,10 +136,14 @@ def _describe_bundle(root, manifest: dict, verified: bool) -> str:
             lines.append(f"{'':<11} validated vs PyTorch ({v['precision']}): max |logit diff| "
                          f"{v['max_abs_diff']:.2g}, top-1 agreement {v['top1_agreement']:.2f}"
                          + (f"; tree of {len(v['tree']['parents'])} nodes {v['tree']['max_abs_diff']:.2g}"
-                            if "tree" in v else ""))
+                            if "tree" in v else "")
+                         + (f"; chain graph {v['chain']['max_abs_diff']:.2g}" if "chain" in v else ""))
         if e.get("graph_kind") == "fused":
             lines.append(f"{'':<11} graph kind fused: GroupQueryAttention, KV in a shared in-place buffer, tree "
                          "attention (CPU; CUDA with --fp16 bundles)")
+            if e.get("chain_path"):
+                lines.append(f"{'':<11} chain graph: {e['chain_path']} (no tree inputs, same weights): what chains run "
+                             "on; the tree graph opens on the first token tree")
         else:
             lines.append(f"{'':<11} graph kind standard: standard ONNX ops (every execution provider, TensorRT)")
         if e.get("tree_attention"):

@@ -348,6 +348,8 @@ def test_cli_export_json_and_inspect(tiny_vocab_checkpoints, tmp_path):
     r = CliRunner().invoke(main, ["inspect", str(out)])
     assert r.exit_code == 0, r.output
     assert "sha256 verified" in r.stdout and "2 layers" in r.stdout and "quantization int8" in r.stdout
+    # the fused target has a chain graph; the quantized draft has new weights, so none
+    assert "chain graph: target/chain.onnx" in r.stdout and "draft/chain.onnx" not in r.stdout
     r = CliRunner().invoke(main, ["inspect", str(out), "--json", "--no-verify"])
     assert json.loads(r.stdout)["models"]["target"]["num_kv_heads"] == 1
 
