@@ -29,7 +29,7 @@ import numpy as np
 from mjsd.runtime.errors import ExportError
 from mjsd.runtime.tree import BIAS
 
-from .graph import GRAPH, _save
+from .graph import GRAPH
 
 CHAIN_GRAPH = "chain.onnx"
 from .sources import reason
@@ -192,6 +192,7 @@ def emit(model, max_context: int, fp16: bool = False):
 
 def build_fused_graph(src: Path, out_dir: Path, max_context: int, fp16: bool = False) -> Path:
     """Emit the fused graph of the checkpoint at `src` into `out_dir` (fp32 for CPU, fp16 for CUDA)."""
+    import onnx
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -204,8 +205,6 @@ def build_fused_graph(src: Path, out_dir: Path, max_context: int, fp16: bool = F
         raise ExportError(f"the fused graph kind does not support {why}; export with --graph-kind standard")
     path = out_dir / GRAPH
     proto = emit(model, max_context, fp16)
-    import onnx
-
     # weights in one external file, so that chain.onnx can name the same file (saving moves them out of `proto`)
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data")

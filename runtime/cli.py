@@ -177,8 +177,9 @@ def _describe_bundle(root, manifest: dict, verified: bool) -> str:
 @click.option("--graph-kind", type=click.Choice(["auto", "fused", "standard"]), default="auto", show_default=True,
               help="fused: ONNX Runtime's fused ops (GroupQueryAttention with rotary inside, fused norms and QKV, a "
                    "shared in-place KV buffer, tree attention built in, plus a chain graph without the tree inputs "
-                   "that chains run on; Llama, Mistral, Qwen2: fastest on CPU, and on CUDA with --fp16). standard: standard ONNX ops from optimum (every architecture; TensorRT, which "
-                   "fuses them itself). auto: fused where the model is supported, else standard (said and recorded).")
+                   "that chains run on; Llama, Mistral, Qwen2: fastest on CPU, and on CUDA with --fp16). standard: "
+                   "standard ONNX ops from optimum (every architecture; TensorRT, which fuses them itself). auto: "
+                   "fused where the model is supported, else standard (said and recorded).")
 @click.option("--tree-attention", is_flag=True, help="Standard kind: export the target with a 4-D attention bias "
               "input, for tree verification (mmtad, mcsd --mcsd-strategy tree); fused graphs always have it.")
 @click.option("--json", "as_json", is_flag=True, help="Print a one-object JSON summary on stdout.")

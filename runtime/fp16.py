@@ -1,8 +1,9 @@
 """An fp16 copy of a fused fp32 graph, for CUDA (GroupQueryAttention has no fp32 CUDA kernel).
 
 The fused graph (export/fused_graph.py) declares no intermediate types, so fp16 is its float initializers and its
-float inputs/outputs in fp16; `logits` stays float32 (a Cast is appended where the graph has none). The copy is cached by the graph's
-sha256 under $MJSD_CACHE_DIR (default ~/.cache/mjsd/fp16) and written atomically, so a bundle converts once.
+float inputs/outputs in fp16; `logits` stays float32 (a Cast is appended where the graph has none). The copy is
+cached by the graph's sha256 under $MJSD_CACHE_DIR (default ~/.cache/mjsd/fp16) and written atomically, so a bundle
+converts once.
 Needs the `onnx` package (in the gpu extra).
 """
 from __future__ import annotations

@@ -145,8 +145,7 @@ def _compact_log_probs(rows: np.ndarray, top_k: int, top_p: float) -> tuple[np.n
     """log_probs(compact=True) of rows [R, V] with top-k: (log-probabilities [R, k], token ids [R, k] ascending).
     After one argpartition over the vocabulary the R x k values are few (a draft step's W beams x k), so the rest
     runs on Python floats: two dozen NumPy calls on arrays that small cost ~60 us on the cold caches after a call."""
-    idx = np.argpartition(rows, -top_k, axis=-1)[:, -top_k:]
-    vals = rows[np.arange(len(rows))[:, None], idx]
+    idx, vals, _ = _kept_top_k(rows, top_k, 1.0)
     out_lp, out_ids = [], []
     for v_row, i_row in zip(vals.tolist(), idx.tolist()):
         pairs = sorted(zip(v_row, i_row), key=lambda t: -t[0])  # largest first, as top-p reads them

@@ -364,7 +364,8 @@ def check_fused_support(spec, on_gpu: bool, version: str = ort.__version__) -> N
 
 class _Binding:
     """A fused session's IOBinding over one cache's KV OrtValues, with the kept arrays bound to its small inputs."""
-    __slots__ = ("io", "kv", "positional", "shape", "ids", "positions", "logits", "mask", "bias", "filled", "__weakref__")
+    __slots__ = ("io", "kv", "positional", "shape", "ids", "positions", "logits", "mask", "bias", "filled",
+                 "__weakref__")
 
     def __init__(self, io, kv: list, positional: bool):
         self.io, self.kv, self.positional, self.shape = io, kv, positional, None
@@ -376,9 +377,9 @@ class _Binding:
         mask's first `length` columns to one, the rest to zero, writing only the columns that changed."""
         if self.mask is None or self.mask.shape[1] != width:
             self.mask, self.filled = np.zeros((self.shape[0], width), np.int64), 0
-            self.bias = np.zeros((1, 1, self.shape[1], width), dtype)
             self.io.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(self.mask))
-            if self.positional:
+            if self.positional:  # a chain graph takes no bias
+                self.bias = np.zeros((1, 1, self.shape[1], width), dtype)
                 self.io.bind_ortvalue_input(tree.BIAS, ort.OrtValue.ortvalue_from_numpy(self.bias))
         if length == self.filled + 1 and self.shape[0] == 1:  # one token of one row: a scalar write
             self.mask[0, self.filled] = 1

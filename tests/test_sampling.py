@@ -122,7 +122,8 @@ def test_compact_log_probs_equal_the_dense_ones_on_their_support():
         x = (rng.normal(size=(rows, vocab)) * rng.uniform(0.1, 5)).astype(np.float32)
         if t % 5 == 0:
             x[:, :6] = x[:, :1]  # ties
-        k, p, temp = int(rng.integers(1, vocab)), float(rng.choice([1.0, 0.9, 0.5, 1e-6])), float(rng.choice([1.0, 0.7]))
+        k, p = int(rng.integers(1, vocab)), float(rng.choice([1.0, 0.9, 0.5, 1e-6]))
+        temp = float(rng.choice([1.0, 0.7]))
         dense = log_probs(x, temp, k, p)
         lp, ids = log_probs(x, temp, k, p, compact=True)
         assert lp.shape == ids.shape == (rows, k) and (np.diff(ids, axis=-1) > 0).all()
