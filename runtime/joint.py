@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 
 import numpy as np
 
@@ -22,12 +23,10 @@ LOG_TOL = 1e-3
 MAX_JOINT_SEQUENCES = 1 << 16
 
 
-def scoring_logprobs(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                     compact: bool = False):
+def scoring_logprobs(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
     """The log-likelihoods joint decoding scores with: the filtered distribution, at temperature 1 in deterministic
-    mode (T = 0 only chooses tokens; one-hot scores would collapse the rule into plain greedy verification).
-    compact: (log-likelihoods [..., k], token ids [..., k]) of the top-k support, or (dense, None) without top-k."""
-    return log_probs(logits, temperature or 1.0, top_k, top_p, compact)
+    mode (T = 0 only chooses tokens; one-hot scores would collapse the rule into plain greedy verification)."""
+    return log_probs(logits, temperature or 1.0, top_k, top_p)
 
 
 def token_logprobs(logprobs: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -44,8 +43,9 @@ def accept_length(logp: np.ndarray, logq: np.ndarray, tau: float) -> int:
     return int(passing[-1]) + 1 if passing.size else 0
 
 
-def _keep_greedy(picked: list[int], greedy_beam: int, greedy_pair: int) -> tuple[list[int], int]:
-    """Make sure the greedy chain's extension (greedy_pair: the greedy beam's argmax token, as a flat index) is among
+def _keep_greedy(picked: list, greedy_beam: int, greedy_pair) -> tuple[list, int]:
+    """Make sure the greedy chain's extension (greedy_pair: the greedy beam's argmax token, written like the picked
+    pairs: a (beam, token) tuple or a flat index) is among
     the picked pairs (replacing the last pick); returns the pairs and the greedy chain's new beam index (-1 once
     lost). A single beam is left alone: beam search of width 1 is the greedy chain anyway, and beam sampling of width
     1 is a sampled chain."""
@@ -71,33 +71,59 @@ def top_indices(x: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def beam_search_step(cum_logq: np.ndarray, logq: np.ndarray, width: int, greedy_beam: int):
-    """One deterministic beam-search step on cumulative logQ.
+def beam_search_top(cum: list[float], values: list[list[float]], tokens: list[list[int]], width: int,
+                    greedy_beam: int):
+    """One deterministic beam-search step on cumulative logQ, from each beam's best children only: the `width` best
+    (beam, token) pairs lie among each beam's `width` best children, and a handful of candidates rank faster as
+    Python floats than through NumPy (a draft step runs this 16 times a round).
 
-    cum_logq [B]: the beams' joint log-likelihoods; logq [B, V]: each beam's next-token log-likelihoods;
-    greedy_beam: the beam that is the greedy chain (-1: none), kept among the results.
-    Returns (parents [W'], tokens [W'], new cum_logq [W'], new greedy beam), best first, W' = min(width, finite pairs).
-    """
-    # The `width` best pairs lie among each beam's `width` best children: find those by argmax passes over a copy
-    # (each pass blanks its pick), then rank the B x width candidates as Python floats: a draft step runs this 16
-    # times a round, and a handful of candidates sort faster in Python than through a dozen NumPy calls. Same result
-    # as ranking the whole table (tests/test_joint.py).
-    b, v = logq.shape
-    rows, work = np.arange(b)[:, None], np.array(logq)
-    kids = np.empty((b, min(width, v)), np.int64)
-    for j in range(kids.shape[1]):
-        kids[:, j] = work.argmax(axis=1)
-        work[rows[:, 0], kids[:, j]] = -np.inf
-    vals = logq[rows, kids].tolist()
-    kid_rows = kids.tolist()
-    # best first, the lower (beam, token) index on ties; a set, since a row with fewer finite children than passes
-    # repeats one of them
-    cand = sorted({(-(c + x), r * v + k) for r, (c, ks, xs) in enumerate(zip(cum_logq.tolist(), kid_rows, vals))
-                   for k, x in zip(ks, xs) if x != -np.inf})
-    picked, greedy = _keep_greedy([i for _, i in cand[:width]], greedy_beam, greedy_beam * v + kid_rows[greedy_beam][0])
-    pairs = [divmod(i, v) for i in picked]
-    parents, tokens = np.array(pairs, dtype=np.int64).reshape(-1, 2).T
-    return parents, tokens, np.array([cum_logq.item(r) + logq.item(r, k) for r, k in pairs]), greedy
+    cum [B]: the beams' joint log-likelihoods; values[b], tokens[b]: beam b's best children (log-likelihoods and
+    token ids, best first; -inf entries are skipped); greedy_beam: the beam that is the greedy chain (-1: none), kept
+    among the results. Returns lists (parents, tokens, new cum, the picked children's logQ) and the new greedy beam,
+    best first (the lower (beam, token) on ties), at most `width` pairs."""
+    logq = {(r, t): x for r, (xs, ts) in enumerate(zip(values, tokens)) for x, t in zip(xs, ts) if x != -math.inf}
+    ranked = sorted((-(cum[r] + x), r, t) for (r, t), x in logq.items())
+    picked = [(r, t) for _, r, t in ranked[:width]]
+    greedy_pair = (greedy_beam, tokens[greedy_beam][0]) if greedy_beam >= 0 else None
+    picked, greedy = _keep_greedy(picked, greedy_beam, greedy_pair)
+    return _results(picked, cum, logq) + (greedy,)
+
+
+def beam_sample_top(rng: np.random.Generator, cum: list[float], values: list[list[float]], tokens: list[list[int]],
+                    width: int, greedy_beam: int):
+    """One MTAD beam-sampling step: draw `width` distinct (beam, token) pairs from w(b, v) = pi_b * q(v | b), with
+    pi = the beams' normalised joint Q (normalising Q, not log Q); the next step renormalises pi over the kept
+    pairs, since it recomputes pi from their joint Q. values[b], tokens[b]: beam b's support (log q and token ids;
+    -inf entries are never drawn), in the order the draw accumulates them. Results as `beam_search_top`'s, in sampled
+    order; the greedy chain extends by its beam's most likely token (the first on ties)."""
+    top = max(cum)
+    pi = [math.exp(c - top) for c in cum]
+    total = sum(pi)
+    support = [((r, t), x, p / total * math.exp(x)) for r, (p, xs, ts) in enumerate(zip(pi, values, tokens))
+               for x, t in zip(xs, ts) if x != -math.inf]
+    drawn = _sample_distinct_floats(rng, [w for *_, w in support], min(width, len(support)))
+    greedy_pair = None
+    if greedy_beam >= 0:
+        row = values[greedy_beam]
+        greedy_pair = (greedy_beam, tokens[greedy_beam][row.index(max(row))])
+    picked, greedy = _keep_greedy([support[i][0] for i in drawn], greedy_beam, greedy_pair)
+    return _results(picked, cum, {pair: x for pair, x, _ in support}) + (greedy,)
+
+
+def _results(picked: list[tuple[int, int]], cum: list[float], logq: dict) -> tuple[list, list, list, list]:
+    """(parents, tokens, new cum, the pairs' logQ) of the picked (beam, token) pairs."""
+    x = [logq[pair] for pair in picked]
+    return [r for r, _ in picked], [t for _, t in picked], [cum[r] + v for (r, _), v in zip(picked, x)], x
+
+
+def beam_search_step(cum_logq: np.ndarray, logq: np.ndarray, width: int, greedy_beam: int):
+    """`beam_search_top` over dense log-likelihoods logq [B, V], as arrays: (parents [W'], tokens [W'], new cum_logq
+    [W'], new greedy beam), W' = min(width, finite pairs)."""
+    kids = top_indices(logq, min(width, logq.shape[1]))
+    vals = np.take_along_axis(logq, kids, axis=-1)
+    parents, tokens, cum, _, greedy = beam_search_top(cum_logq.tolist(), vals.tolist(), kids.tolist(), width,
+                                                      greedy_beam)
+    return np.array(parents, np.int64), np.array(tokens, np.int64), np.array(cum), greedy
 
 
 def sample_distinct(rng: np.random.Generator, p: np.ndarray, n: int) -> np.ndarray:
@@ -117,53 +143,8 @@ def sample_distinct(rng: np.random.Generator, p: np.ndarray, n: int) -> np.ndarr
     return np.array(picked, dtype=np.int64)
 
 
-def beam_sample_step(rng: np.random.Generator, cum_logq: np.ndarray, q: np.ndarray, width: int, greedy_beam: int):
-    """One MTAD beam-sampling step: draw `width` distinct (beam, token) pairs from w(b, v) = pi_b * q(v | b), with
-    pi = the beams' normalised joint Q (normalising Q, not log Q). The next step renormalises pi over the kept
-    pairs, since it recomputes pi from their joint Q. Same arguments and results as `beam_search_step`, with
-    q [B, V] the filtered draft probabilities (or [B, k] over each row's support, ascending token ids: the tokens
-    returned are then columns); results come in sampled order."""
-    v = q.shape[1]
-    if q.size <= FEW:  # a draft step's W x top-k support: Python floats, the same draws and results as NumPy's
-        pi = np.exp(cum_logq - cum_logq.max())
-        picked, greedy_col = _draw_pairs_floats(rng, (pi / pi.sum()).tolist(), q.tolist(), width, greedy_beam)
-    else:
-        picked, greedy_col = _draw_pairs(rng, cum_logq, q, width, greedy_beam)
-    picked, greedy = _keep_greedy(picked, greedy_beam, greedy_beam * v + greedy_col if greedy_beam >= 0 else -1)
-    parents, tokens = np.divmod(np.array(picked, dtype=np.int64), v)
-    return parents, tokens, cum_logq[parents] + np.log(q[parents, tokens]), greedy
-
-
-FEW = 256  # at most this many (beam, token) pairs are drawn from on Python floats (a dozen NumPy calls cost more)
-
-
-def _draw_pairs(rng: np.random.Generator, cum_logq: np.ndarray, q: np.ndarray, width: int,
-                greedy_beam: int) -> tuple[list[int], int]:
-    """beam_sample_step's draw: the picked flat (beam, token) indices and the greedy beam's argmax column."""
-    pi = np.exp(cum_logq - cum_logq.max())
-    w = ((pi / pi.sum())[:, None] * q).ravel()
-    support = np.flatnonzero(w)  # filtered draft rows keep top-k tokens: draw over those (zeros never change a CDF)
-    picked = support[sample_distinct(rng, w[support], min(width, support.size))].tolist()
-    return picked, int(np.argmax(q[greedy_beam])) if greedy_beam >= 0 else -1
-
-
-def _draw_pairs_floats(rng: np.random.Generator, pi: list[float], rows: list[list[float]], width: int,
-                       greedy_beam: int) -> tuple[list[int], int]:
-    """_draw_pairs on Python floats, given the normalised pi: the same IEEE operations in the same order (float32 q
-    widened exactly, sequential cumulative sums), so the same random draws pick the same pairs."""
-    v = len(rows[0])
-    support = [(r * v + j, p * x) for r, (p, row) in enumerate(zip(pi, rows)) for j, x in enumerate(row)]
-    support = [(i, x) for i, x in support if x]
-    drawn = _sample_distinct_floats(rng, [x for _, x in support], min(width, len(support)))
-    greedy_col = -1
-    if greedy_beam >= 0:
-        row = rows[greedy_beam]
-        greedy_col = row.index(max(row))  # the first index on ties, as argmax
-    return [support[i][0] for i in drawn], greedy_col
-
-
 def _sample_distinct_floats(rng: np.random.Generator, p: list[float], n: int) -> list[int]:
-    """sample_distinct on a list of floats (the same draws)."""
+    """sample_distinct on a list of floats (the same draws: the same IEEE operations in the same order)."""
     p, picked = list(p), []
     while len(picked) < n:
         cdf = list(itertools.accumulate(p))
@@ -176,6 +157,20 @@ def _sample_distinct_floats(rng: np.random.Generator, p: list[float], n: int) ->
         for i in picked:
             p[i] = 0.0
     return picked
+
+
+def beam_sample_step(rng: np.random.Generator, cum_logq: np.ndarray, q: np.ndarray, width: int, greedy_beam: int):
+    """`beam_sample_top` over dense draft probabilities q [B, V] (filtered, unnormalised rows are fine), in NumPy (a
+    whole vocabulary per beam is too many pairs for Python floats). Results as `beam_search_step`'s."""
+    pi = np.exp(cum_logq - cum_logq.max())
+    w = ((pi / pi.sum())[:, None] * q).ravel()
+    support = np.flatnonzero(w)  # filtered draft rows keep few tokens: draw over those (zeros never change a CDF)
+    picked = support[sample_distinct(rng, w[support], min(width, support.size))].tolist()
+    v = q.shape[1]
+    greedy_pair = greedy_beam * v + int(np.argmax(q[greedy_beam])) if greedy_beam >= 0 else None
+    picked, greedy = _keep_greedy(picked, greedy_beam, greedy_pair)
+    parents, tokens = np.divmod(np.array(picked, dtype=np.int64), v)
+    return parents, tokens, cum_logq[parents] + np.log(q[parents, tokens]), greedy
 
 
 def joint_prefixes(vocab: int, k: int) -> np.ndarray:

@@ -42,7 +42,12 @@ class KVCache:
         self.values = [self._place(np.zeros(shape, dtype)) for _ in range(num_layers)]
         self.length = 0
         self.batch = batch
-        self._bound: tuple | None = None  # (batch, OrtValues) of the shared buffer's live rows, for IO binding
+        # shared layout on the host: positions that hold the same entries in every row of the buffer (a beam draft's
+        # rows share the context, so a beam reorder moves only the positions after it)
+        self.same = 0
+        # batch -> OrtValues over the shared buffer's first `batch` rows, for IO binding: a beam draft switches
+        # between one row and W rows every round, and each set of views (and the binding over it) is made once
+        self._bound: dict[int, list] = {}
 
     @classmethod
     def for_model(cls, spec: ModelSpec, batch: int = 1, device: tuple[str, int] | None = None,
@@ -88,19 +93,20 @@ class KVCache:
 
             return [OrtValue.ortvalue_from_numpy(t[row:row + 1]) for pair in zip(self.keys, self.values)
                     for t in pair]
-        if self._bound is None or self._bound[0] != self.batch:
+        live = self._bound.get(self.batch)
+        if live is None:
             live = [t[: self.batch] if self.rows > self.batch else t for pair in zip(self.keys, self.values)
                     for t in pair]
             if self.device is None:
                 from onnxruntime import OrtValue
 
                 live = [OrtValue.ortvalue_from_numpy(t) for t in live]  # zero-copy views of the host buffer
-            self._bound = (self.batch, live)
-        return self._bound[1]
+            self._bound[self.batch] = live
+        return live
 
     def reset(self) -> None:
         """Shared layout: empty and one row again, the buffers kept (a finished generation's cache, reused)."""
-        self.length, self.batch = 0, 1
+        self.length, self.batch, self.same = 0, 1, 0
 
     def crop(self, length: int) -> None:
         """Roll back to the first `length` positions (drop rejected draft tokens)."""
@@ -110,7 +116,7 @@ class KVCache:
             return
         if not self.shared:
             self._take(2, slice(0, length))  # a view on the host
-        self.length = length
+        self.length, self.same = length, min(self.same, length)
 
     def keep(self, positions: Sequence[int] | np.ndarray) -> None:
         """Keep only these cache positions, in this order (after tree verification: the context plus the accepted
@@ -165,8 +171,9 @@ class KVCache:
         if self.device is None:
             if n_rows > self.rows:
                 self._resize(n_rows, self.capacity)
-            live = slice(0, self.length)
             if axis == 0:
+                # every row holds the same first `same` positions: move only those after them
+                live = slice(self.same, self.length)
                 moves = [(r, int(i)) for r, i in enumerate(idx) if r != i]
                 if not {r for r, _ in moves} & {i for _, i in moves}:
                     # no row is read after it is overwritten: copy just the rows that change (a beam step often
@@ -174,12 +181,16 @@ class KVCache:
                     for t in self.keys + self.values:
                         for r, i in moves:
                             t[r, :, live] = t[i, :, live]
-                    return
-            for t in self.keys + self.values:
-                if axis == 0:
-                    t[: len(idx), :, live] = t[idx, :, live]
                 else:
-                    t[: self.batch, :, : len(idx)] = t[: self.batch, :, idx]
+                    for t in self.keys + self.values:
+                        t[: len(idx), :, live] = t[idx, :, live]
+                if n_rows == self.rows and len(set(idx.tolist())) == 1:  # one row fanned out to the whole buffer
+                    self.same = self.length
+                return
+            for t in self.keys + self.values:
+                t[: self.batch, :, : len(idx)] = t[: self.batch, :, idx]
+            moved = np.flatnonzero(idx != np.arange(len(idx)))  # the positions whose entries changed (live rows only)
+            self.same = min(self.same, int(moved[0]) if moved.size else len(idx))
         else:  # a device gather into a new buffer (positions padded with the untouched rest): no host round trip
             if axis == 2:
                 idx = np.concatenate([idx, np.arange(len(idx), self.capacity, dtype=np.int64)])
@@ -187,7 +198,7 @@ class KVCache:
             out = _device_gather(len(tensors), axis, self.dtype.str, self.device)(tensors, idx)
             self.keys, self.values = out[:n], out[n:]
             self.rows = n_rows  # device buffers hold exactly the live rows (an OrtValue has no row views)
-            self._bound = None  # new buffers (on the host the moves stay in the bound memory)
+            self._bound = {}  # new buffers (on the host the moves stay in the bound memory)
 
     def _resize(self, rows: int, capacity: int) -> None:
         """Shared layout: a bigger buffer holding the live prefix (rare: capacity doubles)."""
@@ -198,7 +209,8 @@ class KVCache:
             t[: a.shape[0], :, : a.shape[2]] = a
             new.append(self._place(t))
         self.keys, self.values = new[0::2], new[1::2]
-        self.rows, self.capacity, self._bound = rows, capacity, None
+        self.rows, self.capacity, self._bound = rows, capacity, {}
+        self.same = min(self.same, self.length) if rows == len(live[0]) else 0  # new rows hold zeros
 
     def _place(self, a: np.ndarray):
         if self.device is None:

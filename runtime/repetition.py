@@ -72,19 +72,23 @@ def ban_tokens(logits: np.ndarray, banned_rows: Sequence[Sequence[int] | np.ndar
     rows = out.reshape(-1, out.shape[-1])
     if len(banned_rows) != len(rows):
         raise ValueError(f"{len(banned_rows)} lists of banned tokens for {len(rows)} rows of logits")
-    # one gather and one scatter for all rows (a verification bans over gamma + 1 rows), not a few NumPy calls a row
     width = rows.shape[1]
     pairs = [(i, int(t)) for i, banned in enumerate(banned_rows) for t in banned if int(t) < width]
     if not pairs:
         return out
-    r, t = np.array(pairs, dtype=np.int64).T
-    kept = rows[r, t]
-    rows[r, t] = -np.inf
-    hit = sorted({i for i, _ in pairs})
-    dead = [i for i, m in zip(hit, rows[hit].max(axis=1).tolist()) if m == -np.inf]
-    if dead:  # never ban every token: such a row is left alone
-        back = np.isin(r, dead)
-        rows[r[back], t[back]] = kept[back]
+    # A row can lose every token only if its argmax is banned: only those rows are kept aside and checked (one argmax
+    # over all rows instead of a max per banned row: right after a model call every NumPy call costs ~5 us)
+    top = rows.argmax(axis=1).tolist()
+    risky = {i: rows[i].copy() for i in {i for i, t in pairs if t == top[i]}}
+    if len(pairs) <= 32:  # a draft beam's few banned tokens: scalar writes
+        for i, t in pairs:
+            rows[i, t] = -np.inf
+    else:  # one scatter (a verification bans over gamma + 1 rows)
+        r, t = np.array(pairs, dtype=np.int64).T
+        rows[r, t] = -np.inf
+    for i, kept in risky.items():
+        if rows[i].max() == -np.inf:  # never ban every token: such a row is left alone
+            rows[i] = kept
     return out
 
 

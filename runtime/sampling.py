@@ -6,8 +6,6 @@ so [V], [S, V] and [B, S, V] inputs are fine.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 
@@ -118,50 +116,19 @@ def filter_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, 
     return out.reshape(x.shape)
 
 
-def log_probs(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-              compact: bool = False):
+def log_probs(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
     """log(probs(...)) for T > 0: -inf where filtered out. With top-k the log-softmax runs over each row's k kept
-    values only (a draft step scores W rows of the vocabulary this way), and `compact` returns just those:
-    (log-probabilities [..., k], their token ids [..., k] ascending); without top-k, compact gives (the dense array,
-    None)."""
+    values only, not the vocabulary."""
     x = _scaled(logits, temperature)
     if not 0 < top_k < x.shape[-1]:
-        out = log_softmax(x if top_p >= 1.0 else filter_logits(x, 1.0, top_k, top_p))
-        return (out, None) if compact else out
+        return log_softmax(x if top_p >= 1.0 else filter_logits(x, 1.0, top_k, top_p))
     rows = x.reshape(-1, x.shape[-1])
-    if compact:
-        lp, ids = _compact_log_probs(rows, top_k, top_p)
-        shape = x.shape[:-1] + (top_k,)
-        return lp.reshape(shape), ids.reshape(shape)
     idx, vals, keep = _kept_top_k(rows, top_k, top_p)
     r = np.arange(len(rows))[:, None]
     lp = log_softmax(vals if keep is None else np.where(keep, vals, -np.inf))
     out = np.full(rows.shape, -np.inf, dtype=np.float32)
     out[r, idx] = lp
     return out.reshape(x.shape)
-
-
-def _compact_log_probs(rows: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
-    """log_probs(compact=True) of rows [R, V] with top-k: (log-probabilities [R, k], token ids [R, k] ascending).
-    After one argpartition over the vocabulary the R x k values are few (a draft step's W beams x k), so the rest
-    runs on Python floats: two dozen NumPy calls on arrays that small cost ~60 us on the cold caches after a call."""
-    idx, vals, _ = _kept_top_k(rows, top_k, 1.0)
-    out_lp, out_ids = [], []
-    for v_row, i_row in zip(vals.tolist(), idx.tolist()):
-        pairs = sorted(zip(v_row, i_row), key=lambda t: -t[0])  # largest first, as top-p reads them
-        top = pairs[0][0]
-        e = [math.exp(v - top) for v, _ in pairs]
-        n = len(e)
-        if top_p < 1.0:  # kept while the mass strictly before a token is below top_p
-            total, before, n = sum(e), 0.0, 0
-            while n < len(e) and before < top_p * total:
-                before += e[n]
-                n += 1
-        log_z = top + math.log(sum(e[:n]))
-        row = sorted((i, v - log_z if j < n else -math.inf) for j, (v, i) in enumerate(pairs))  # ascending ids
-        out_ids.append([i for i, _ in row])
-        out_lp.append([lp for _, lp in row])
-    return np.array(out_lp, np.float32), np.array(out_ids, np.int64)
 
 
 def probs(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:

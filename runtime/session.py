@@ -122,8 +122,8 @@ class ModelSession:
         self._outputs = ["logits", *self._present]
         self._has_positions = "position_ids" in spec.inputs
         self.fused = spec.graph_kind == "fused"  # its cache is a shared buffer, bound in place (host or device)
-        # cache -> its _Binding: reused while that cache's buffers stay the same; weak, so a finished generation's
-        # buffers are not kept alive by the session
+        # cache -> {rows: its _Binding}: reused while that cache's buffers stay the same; weak, so a finished
+        # generation's buffers are not kept alive by the session
         self._bindings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._tree_bindings = weakref.WeakKeyDictionary() if chain else self._bindings  # the tree session's
         # weak references to the last call's cache and its _Binding: the next call on it needs no dictionary lookup
@@ -270,14 +270,16 @@ class ModelSession:
         sess, bindings = (self._tree(), self._tree_bindings) if on_tree else (self._sess, self._bindings)
         entry = None
         if cache is not None:
-            entry = self._last[1]() if not on_tree and self._last[0]() is cache else bindings.get(cache)
+            entry = self._last[1]() if not on_tree and self._last[0]() is cache else None
+            if entry is None or entry.kv is not kv:
+                entry = bindings.setdefault(cache, {}).get(b)  # a beam draft alternates between 1 and W rows
         if entry is None or entry.kv is not kv:
             entry = _Binding(sess.io_binding(), kv, positional=on_tree or self._positional)
             for past_name, present_name, t in zip(self._past, self._present, kv):
                 entry.io.bind_ortvalue_input(past_name, t)
                 entry.io.bind_ortvalue_output(present_name, t)
             if cache is not None:
-                bindings[cache] = entry
+                bindings[cache][b] = entry
         if cache is not None and not on_tree and self._last[1]() is not entry:
             self._last = (weakref.ref(cache), weakref.ref(entry))
         io = entry.io

@@ -156,17 +156,25 @@ def test_bindings_are_reused_and_released_with_their_cache(fused):
     s = ModelSession(fused.target, threads=1)
     c = s.new_cache()
     s.forward(IDS[:4], c)
-    binding, = s._bindings.values()
+    binding = s._bindings[c][1]
     first = s.forward([5], c)
     kept = first.copy()
-    assert s._bindings[c] is binding  # same buffers: the binding is kept, only small inputs rebound
+    assert s._bindings[c][1] is binding  # same buffers: the binding is kept, only small inputs rebound
     s.forward([9], c)  # same shape: ORT writes into the same bound logits array, which callers never see
     np.testing.assert_array_equal(first, kept)
     c.repeat(2)
     s.forward([[6], [7]], c)
-    assert s._bindings[c] is not binding  # new row count: new views, new binding
+    assert s._bindings[c][2] is not binding  # a new row count (here also new, bigger buffers): a new binding
+    c.gather([1])
+    s.forward([8], c)
+    one, two = s._bindings[c][1], s._bindings[c][2]
+    c.gather([0, 0])
+    s.forward([[6], [7]], c)
+    c.gather([1])
+    s.forward([8], c)
+    assert s._bindings[c] == {1: one, 2: two}  # a beam draft switches row counts every round: bound once each
     buffer = weakref.ref(c.keys[0])
-    del c, binding
+    del c, binding, one, two
     gc.collect()
     assert len(s._bindings) == 0 and buffer() is None  # a finished generation's buffers are not kept alive
 

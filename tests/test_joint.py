@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from mjsd.runtime.errors import ConfigError
-from mjsd.runtime.joint import (MAX_JOINT_SEQUENCES, accept_length, beam_sample_step, beam_search_step, best_joint,
-                                joint_prefixes, sample_distinct, token_logprobs, top_indices)
+from mjsd.runtime.joint import (MAX_JOINT_SEQUENCES, accept_length, beam_sample_step, beam_sample_top,
+                                beam_search_step, best_joint, joint_prefixes, sample_distinct, token_logprobs,
+                                top_indices)
 
 
 
@@ -168,11 +169,10 @@ def test_joint_prefixes_refuse_large_vocabularies():
     assert 16 ** 4 <= MAX_JOINT_SEQUENCES
 
 
-def test_beam_sampling_on_floats_draws_what_numpy_draws(monkeypatch):
-    """A draft step's few (beam, token) pairs are drawn on Python floats (joint.FEW); with the same generator state
-    that gives exactly the NumPy route's pairs, joint scores and greedy beam (ties, zeros, up to 11 beams)."""
-    from mjsd.runtime import joint
-
+def test_beam_sample_top_draws_what_the_numpy_step_draws():
+    """A draft step's few (beam, token) pairs are drawn on Python floats (beam_sample_top, from each beam's top-k
+    support); given every row's whole support in token order and the same generator state, it picks the dense NumPy
+    step's pairs, joint scores and greedy beam (ties, zeros, up to 11 beams)."""
     gen = np.random.default_rng(0)
     for t in range(3000):
         b, k, width = int(gen.integers(1, 12)), int(gen.integers(1, 12)), int(gen.integers(1, 6))
@@ -181,12 +181,13 @@ def test_beam_sampling_on_floats_draws_what_numpy_draws(monkeypatch):
             logq[:, -2:] = -np.inf
         if t % 5 == 0:
             logq[:, :3] = logq[:, :1]
-        q, cum, greedy = np.exp(logq), gen.normal(size=b) * 3, int(gen.integers(-1, b))
-        if not q.any():
+        if not np.isfinite(logq).any():
             continue
-        runs = []
-        for few in (-1, 10**9):  # NumPy, then floats
-            monkeypatch.setattr(joint, "FEW", few)
-            runs.append(beam_sample_step(np.random.default_rng(t), cum, q, width, greedy))
-        (p1, t1, c1, g1), (p2, t2, c2, g2) = runs
-        assert np.array_equal(p1, p2) and np.array_equal(t1, t2) and np.array_equal(c1, c2) and g1 == g2
+        cum, greedy = gen.normal(size=b) * 3, int(gen.integers(-1, b))
+        p1, t1, c1, g1 = beam_sample_step(np.random.default_rng(t), cum, np.exp(logq.astype(np.float64)), width,
+                                          greedy)
+        p2, t2, c2, x2, g2 = beam_sample_top(np.random.default_rng(t), cum.tolist(), logq.tolist(),
+                                             [list(range(k))] * b, width, greedy)
+        assert p1.tolist() == p2 and t1.tolist() == t2 and g1 == g2
+        np.testing.assert_allclose(c1, c2, rtol=1e-12)
+        assert x2 == logq[p1, t1].tolist()

@@ -76,6 +76,45 @@ def test_shared_buffer_gather_moves_rows_in_any_order():
             np.testing.assert_array_equal(got, want[idx], err_msg=str(idx))
 
 
+def test_shared_buffer_moves_only_what_rows_do_not_share():
+    """A beam reorder copies only the positions after those every buffer row shares (KVCache.same): random model
+    writes, fan-outs, reorders, crops, keeps, growth and resets must leave the live rows equal to a reference that
+    copies everything."""
+    rng = np.random.default_rng(7)
+    for trial in range(60):
+        c = KVCache(1, 2, 3, 64, shared=True, capacity=4)
+        ref = [np.zeros((1, 2, 0, 3), np.float32) for _ in range(2)]
+        for _ in range(40):
+            op = rng.choice(["write", "write", "gather", "crop", "keep", "reset"])
+            if op == "write" and c.length < 56:  # what GroupQueryAttention does: new positions of every live row
+                s = int(rng.integers(1, 4))
+                c.reserve(s)
+                for t, r in zip(c.keys + c.values, range(2)):
+                    new = rng.normal(size=(c.batch, 2, s, 3)).astype(np.float32)
+                    t[: c.batch, :, c.length:c.length + s] = new
+                    ref[r] = np.concatenate([ref[r], new], axis=2)
+                c.advance(s)
+            elif op == "gather":
+                idx = rng.integers(0, c.batch, int(rng.integers(1, 5)))
+                if c.batch == 1 and rng.random() < 0.5:
+                    idx = np.zeros(int(rng.integers(2, 5)), np.int64)  # a fan-out (repeat)
+                c.gather(idx)
+                ref = [a[idx] for a in ref]
+            elif op == "crop" and c.length:
+                n = int(rng.integers(0, c.length + 1))
+                c.crop(n)
+                ref = [a[:, :, :n] for a in ref]
+            elif op == "keep" and c.length:
+                pos = np.sort(rng.choice(c.length, int(rng.integers(1, c.length + 1)), replace=False))
+                c.keep(pos)
+                ref = [a[:, :, pos] for a in ref]
+            elif op == "reset":
+                c.reset()
+                ref = [np.zeros((1, 2, 0, 3), np.float32) for _ in range(2)]
+            for got, want in zip(c.arrays(), ref):
+                np.testing.assert_array_equal(got, want, err_msg=f"trial {trial}, after {op}")
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_device_cache_ops_match_host_ops(dtype):
     """OrtValue caches (the GPU path) run every op as a Gather graph on their device; here the device is the CPU."""

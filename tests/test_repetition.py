@@ -99,7 +99,7 @@ def test_sps_greedy_equals_ar_greedy_under_the_control(llama, gamma):
 
 
 def test_draft_should_stop():
-    cum, last = np.log([0.5, 0.2]), np.log([0.3, 0.9])
+    cum, last = np.log([0.5, 0.2]).tolist(), np.log([0.3, 0.9]).tolist()
     assert draft_should_stop(cum, last, 0.4)  # the best beam (0) drew its last token with q = 0.3 < 0.4
     assert not draft_should_stop(cum, last, 0.25)
 

@@ -111,23 +111,3 @@ def test_probs_is_softmax_of_filter_logits():
     x = np.random.default_rng(4).normal(scale=3, size=(3, 2000)).astype(np.float32)
     for t, k, p in ((1.0, 0, 1.0), (0.7, 40, 1.0), (1.3, 0, 0.8), (0.9, 100, 0.5), (0.0, 5, 0.5)):
         assert np.allclose(probs(x, t, k, p), softmax(filter_logits(x, t, k, p)), atol=1e-7)
-
-
-def test_compact_log_probs_equal_the_dense_ones_on_their_support():
-    """log_probs(compact=True) (a draft step's scoring at T > 0 with top-k): the dense log-probabilities at the
-    returned ids, ascending, and -inf exactly where the dense ones are; ties, top-p and temperatures included."""
-    rng = np.random.default_rng(0)
-    for t in range(400):
-        rows, vocab = int(rng.integers(1, 4)), int(rng.integers(12, 300))
-        x = (rng.normal(size=(rows, vocab)) * rng.uniform(0.1, 5)).astype(np.float32)
-        if t % 5 == 0:
-            x[:, :6] = x[:, :1]  # ties
-        k, p = int(rng.integers(1, vocab)), float(rng.choice([1.0, 0.9, 0.5, 1e-6]))
-        temp = float(rng.choice([1.0, 0.7]))
-        dense = log_probs(x, temp, k, p)
-        lp, ids = log_probs(x, temp, k, p, compact=True)
-        assert lp.shape == ids.shape == (rows, k) and (np.diff(ids, axis=-1) > 0).all()
-        got = np.full_like(dense, -np.inf)
-        np.put_along_axis(got, ids, lp, axis=-1)
-        assert np.array_equal(np.isfinite(got), np.isfinite(dense))
-        np.testing.assert_allclose(got[np.isfinite(got)], dense[np.isfinite(dense)], atol=2e-6)

@@ -8,56 +8,67 @@ joint likelihood. `mjsd` runs beam search; `mtad` beam sampling, or beam search 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
 
-from ..joint import accept_length, beam_sample_step, beam_search_step, scoring_logprobs, token_logprobs
+from ..joint import (accept_length, beam_sample_step, beam_sample_top, beam_search_top, scoring_logprobs,
+                     token_logprobs)
 from ..sampling import shared_vocab
+from ..scoring import scorer
 from .common import DecodeContext
 
 
-def score(ctx: DecodeContext, logits: np.ndarray, compact: bool = False):
+def score(ctx: DecodeContext, logits: np.ndarray) -> np.ndarray:
     c = ctx.cfg
-    return scoring_logprobs(shared_vocab(logits, ctx.vocab_size), c.temperature, c.top_k, c.top_p, compact)
+    return scoring_logprobs(shared_vocab(logits, ctx.vocab_size), c.temperature, c.top_k, c.top_p)
+
+
+def beam_step(ctx: DecodeContext, logits: np.ndarray, cum: list[float], greedy: int, sampling: bool):
+    """One beam step from the live beams' next-token logits [B, V']: beam search (deterministic), or beam sampling
+    over each beam's filtered draft distribution. Scores each beam's best children (or top-k support) in one ONNX
+    Runtime call (scoring.py); beam sampling without top-k draws over whole rows in NumPy. Returns lists (parents,
+    tokens, new cum, the picked children's logQ) and the new greedy beam."""
+    c, width = ctx.cfg, ctx.cfg.beam_width
+    if not sampling:
+        return beam_search_top(cum, *scorer().beam(logits, ctx.vocab_size, width), width, greedy)
+    if 0 < c.top_k < ctx.vocab_size:
+        values, tokens = scorer().top_k(logits, ctx.vocab_size, c.temperature, c.top_k, c.top_p)
+        return beam_sample_top(ctx.rng, cum, values, tokens, width, greedy)
+    logq = score(ctx, logits)
+    parents, tokens, new_cum, greedy = beam_sample_step(ctx.rng, np.array(cum), np.exp(logq), width, greedy)
+    return parents.tolist(), tokens.tolist(), new_cum.tolist(), logq[parents, tokens].tolist(), greedy
 
 
 def draft_beams(ctx: DecodeContext, sampling: bool) -> tuple[np.ndarray, np.ndarray]:
     """Beam-decode up to gamma (ctx.draft_len()) draft tokens; returns the best beam [n] and its per-position logQ [n].
     Stops early (adaptive draft length) once the best beam's last token had draft probability below
     cfg.draft_p_min: acceptance of what would follow is unlikely. Leaves the draft cache at that beam's row (its last
-    token unfed)."""
-    cache, width, p_min, gamma = ctx.draft_cache, ctx.cfg.beam_width, ctx.cfg.draft_p_min, ctx.draft_len()
+    token unfed). The beams are Python lists: a few short rows update faster as lists than as NumPy arrays."""
+    cache, p_min = ctx.draft_cache, ctx.cfg.draft_p_min
     feed = [ctx.unfed(cache)]
-    beams, logq_hist = np.zeros((width, gamma), np.int64), np.zeros((width, gamma))  # rows: the live beams
-    cum, greedy, n = np.zeros(1), 0, 0
-    while n < gamma:
+    beams, logqs, cum, greedy = [[]], [[]], [0.0], 0  # the live beams: tokens, their logQ, joint logQ
+    for n in range(ctx.draft_len()):
         if n:
             cache.gather(parents)
-        logits = ctx.no_repeat(ctx.draft.forward(feed, cache)[:, -1], beams[: len(cum), :n])
-        if sampling:  # over each beam's top-k support when top-k filters (ids: its columns' tokens)
-            logq, ids = score(ctx, logits, compact=True)
-            parents, cols, cum, greedy = beam_sample_step(ctx.rng, cum, np.exp(logq), width, greedy)
-            tokens = cols if ids is None else ids[parents, cols]
-        else:
-            logq = score(ctx, logits)
-            parents, cols, cum, greedy = beam_search_step(cum, logq, width, greedy)
-            tokens = cols
-        k = len(parents)
-        beams[:k, :n], logq_hist[:k, :n] = beams[parents, :n], logq_hist[parents, :n]
-        beams[:k, n], logq_hist[:k, n] = tokens, logq[parents, cols]
-        feed, n = tokens[:, None], n + 1
-        if p_min and draft_should_stop(cum, logq_hist[:k, n - 1], p_min):
+        # the session's own logits (copy=False): banned in place and scored before the next draft call
+        logits = ctx.no_repeat(ctx.draft.forward(feed, cache, copy=False)[:, -1], beams)
+        parents, tokens, cum, picked, greedy = beam_step(ctx, logits, cum, greedy, sampling)
+        beams = [beams[p] + [t] for p, t in zip(parents, tokens)]
+        logqs = [logqs[p] + [x] for p, x in zip(parents, picked)]
+        feed = [[t] for t in tokens]
+        if p_min and draft_should_stop(cum, picked, p_min):
             break
-    best = int(np.argmax(cum))
+    best = cum.index(max(cum))
     cache.gather([parents[best]])
-    return beams[best, :n], logq_hist[best, :n]
+    return np.array(beams[best], np.int64), np.array(logqs[best])
 
 
-def draft_should_stop(cum_logq: np.ndarray, last_logq: np.ndarray, p_min: float) -> bool:
+def draft_should_stop(cum_logq: list[float], last_logq: list[float], p_min: float) -> bool:
     """Adaptive draft length: stop when the best beam (highest joint Q) drew its last token with probability below
     p_min (llama.cpp's --draft-p-min, on the beam the target will score)."""
-    return bool(last_logq[int(np.argmax(cum_logq))] < np.log(p_min))
+    return last_logq[cum_logq.index(max(cum_logq))] < math.log(p_min)
 
 
 def joint_rounds(ctx: DecodeContext, sampling: bool) -> Iterator[list[int]]:

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import numpy as np
 
 from .. import tree
-from ..joint import LOG_TOL, beam_sample_step, beam_search_step
+from ..joint import LOG_TOL
 from .common import DecodeContext, require_tree_attention
-from .mjsd import score
+from .mjsd import beam_step, score
 
 
 def best_node(depth: np.ndarray, logp: np.ndarray, logq: np.ndarray, tau: float) -> int:
@@ -47,23 +47,20 @@ def draft_tree(ctx: DecodeContext, sampling: bool, gamma: int):
     feed = [ctx.unfed(cache)]
     tokens, parents, logq_path = [], [], []  # per depth
     level, rows = np.full(1, -1), np.zeros((1, 0), np.int64)  # node ids of the current beams (-1: the context)
-    cum, greedy = np.zeros(1), 0
+    cum, greedy = [0.0], 0
     for s in range(gamma):
         if s:
             cache.gather(beam_parents)
             rows = np.column_stack([rows[beam_parents], level])
-        logq = score(ctx, ctx.draft.forward(feed, cache)[:, -1])
-        if sampling:
-            beam_parents, toks, cum, greedy = beam_sample_step(ctx.rng, cum, np.exp(logq), width, greedy)
-        else:
-            beam_parents, toks, cum, greedy = beam_search_step(cum, logq, width, greedy)
+        logits = ctx.draft.forward(feed, cache, copy=False)[:, -1]
+        beam_parents, toks, cum, picked, greedy = beam_step(ctx, logits, cum, greedy, sampling)  # MTAD's step
         first = sum(map(len, tokens))
         tokens.append(toks)
         parents.append(level[beam_parents])
         # summed exactly as MTAD sums its chain's logQ, so W = 1 decides the same at the threshold
-        logq_path.append((logq_path[-1][beam_parents] if s else 0.0) + logq[beam_parents, toks].astype(np.float64))
+        logq_path.append((logq_path[-1][beam_parents] if s else 0.0) + np.array(picked, np.float64))
         level = first + np.arange(len(toks))
-        feed = toks[:, None]
+        feed = [[t] for t in toks]
     return np.concatenate(tokens), np.concatenate(parents), np.concatenate(logq_path), rows
 
 
