@@ -185,3 +185,35 @@ def test_bad_parameters_are_refused(bad):
 def test_a_draft_is_required(llama):
     with pytest.raises(ConfigError, match="draft"):
         gen(llama[1], [1], algo="mtad")
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, 0, 1.0), (0.0, 7, 1.0), (0.0, 0, 0.8), (1.0, 10, 0.9),
+                                                     (0.7, 0, 1.0), (1.3, 0, 0.6), (1.0, 12, 1.0)])
+def test_scoring_graph_routes_equal_the_dense_scores(temperature, top_k, top_p):
+    """beam_step and draft_logprobs (one scorer call, or NumPy where top-p needs whole rows) against the dense
+    definitions (scoring_logprobs over the vocabulary): every cfg route, padded logits, banned tokens, ties."""
+    from types import SimpleNamespace
+
+    from mjsd.runtime.decoding.mjsd import beam_step, draft_logprobs, score
+    from mjsd.runtime.joint import beam_search_step, token_logprobs
+
+    rng = np.random.default_rng(0)
+    for t in range(40):
+        vocab, width = int(rng.integers(20, 200)), int(rng.integers(1, 4))
+        cfg = GenerationConfig(algo="mtad", temperature=temperature, top_k=top_k, top_p=top_p, beam_width=width)
+        ctx = SimpleNamespace(cfg=cfg, vocab_size=vocab, rng=np.random.default_rng(t))
+        logits = (rng.normal(size=(3, vocab + 2)) * 3).astype(np.float32)  # two padded columns
+        logits[:, vocab:] = 99.0
+        logits[0, :4] = logits[0, 4]  # ties
+        logits[1, 5:9] = -np.inf  # banned
+        dense = score(ctx, logits)
+        tokens = rng.integers(0, vocab, 3)
+        np.testing.assert_allclose(draft_logprobs(ctx, logits, tokens), token_logprobs(dense, tokens), atol=2e-6)
+        cum = rng.normal(size=3).tolist()
+        parents, toks, new_cum, picked, greedy = beam_step(ctx, logits, cum, 1, sampling=temperature > 0)
+        assert np.all(np.isfinite(picked)) and len(parents) == len(toks) <= width
+        np.testing.assert_allclose(picked, dense[parents, toks], atol=2e-6)
+        np.testing.assert_allclose(new_cum, np.array(cum)[parents] + dense[parents, toks], atol=2e-6)
+        if not temperature:  # beam search: the dense step's pairs (ties aside: the lower token on both routes)
+            want = beam_search_step(np.array(cum), dense, width, 1)
+            assert (parents, toks, greedy) == (want[0].tolist(), want[1].tolist(), want[3])

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..joint import (accept_length, beam_sample_step, beam_sample_top, beam_search_top, scoring_logprobs,
-                     token_logprobs)
+from ..joint import (accept_length, beam_sample_step, beam_sample_top, beam_search_step, beam_search_top,
+                     scoring_logprobs, token_logprobs)
 from ..sampling import shared_vocab
 from ..scoring import scorer
 from .common import DecodeContext
@@ -27,18 +27,35 @@ def score(ctx: DecodeContext, logits: np.ndarray) -> np.ndarray:
 
 def beam_step(ctx: DecodeContext, logits: np.ndarray, cum: list[float], greedy: int, sampling: bool):
     """One beam step from the live beams' next-token logits [B, V']: beam search (deterministic), or beam sampling
-    over each beam's filtered draft distribution. Scores each beam's best children (or top-k support) in one ONNX
-    Runtime call (scoring.py); beam sampling without top-k draws over whole rows in NumPy. Returns lists (parents,
-    tokens, new cum, the picked children's logQ) and the new greedy beam."""
-    c, width = ctx.cfg, ctx.cfg.beam_width
-    if not sampling:
-        return beam_search_top(cum, *scorer().beam(logits, ctx.vocab_size, width), width, greedy)
-    if 0 < c.top_k < ctx.vocab_size:
-        values, tokens = scorer().top_k(logits, ctx.vocab_size, c.temperature, c.top_k, c.top_p)
+    over each beam's scoring distribution. Scores each beam's best children (or its top-k support) in one ONNX
+    Runtime call (scoring.py); top-p without top-k needs whole rows, in NumPy. Returns lists (parents, tokens, new
+    cum, the picked children's logQ) and the new greedy beam."""
+    c, width, vocab = ctx.cfg, ctx.cfg.beam_width, ctx.vocab_size
+    if 0 < c.top_k < vocab:
+        values, tokens = scorer().top_k(logits, vocab, c.temperature or 1.0, c.top_k, c.top_p)
+    elif c.top_p >= 1.0 and not sampling:  # deterministic scoring is at temperature 1 (joint.scoring_logprobs)
+        values, tokens = scorer().beam(logits, vocab, width)
+    else:
+        logq = score(ctx, logits)
+        if sampling:
+            parents, toks, new_cum, greedy = beam_sample_step(ctx.rng, np.array(cum), np.exp(logq), width, greedy)
+        else:
+            parents, toks, new_cum, greedy = beam_search_step(np.array(cum), logq, width, greedy)
+        return parents.tolist(), toks.tolist(), new_cum.tolist(), logq[parents, toks].tolist(), greedy
+    if sampling:
         return beam_sample_top(ctx.rng, cum, values, tokens, width, greedy)
-    logq = score(ctx, logits)
-    parents, tokens, new_cum, greedy = beam_sample_step(ctx.rng, np.array(cum), np.exp(logq), width, greedy)
-    return parents.tolist(), tokens.tolist(), new_cum.tolist(), logq[parents, tokens].tolist(), greedy
+    return beam_search_top(cum, values, tokens, width, greedy)
+
+
+def draft_logprobs(ctx: DecodeContext, logits: np.ndarray, draft: np.ndarray) -> np.ndarray:
+    """The target's scoring log-likelihood of each draft token [S], given its logits at those positions [S, V']."""
+    c, vocab = ctx.cfg, ctx.vocab_size
+    if 0 < c.top_k < vocab:  # a token outside a row's top-k support scores -inf
+        values, tokens = scorer().top_k(logits, vocab, c.temperature or 1.0, c.top_k, c.top_p)
+        return np.array([dict(zip(ids, v)).get(t, -np.inf) for v, ids, t in zip(values, tokens, draft.tolist())])
+    if c.top_p >= 1.0:
+        return np.array(scorer().token_logprobs(logits, vocab, c.temperature or 1.0, draft))
+    return token_logprobs(score(ctx, logits), draft)
 
 
 def draft_beams(ctx: DecodeContext, sampling: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -76,9 +93,11 @@ def joint_rounds(ctx: DecodeContext, sampling: bool) -> Iterator[list[int]]:
         base = len(ctx.ids)  # accepted text incl. the pending token
         draft, logq = draft_beams(ctx, sampling)  # cfg is read every round: a tuner may change it between rounds
         gamma = len(draft)
-        logits = ctx.target.forward(ctx.unfed(ctx.target_cache) + draft.tolist(), ctx.target_cache)[0, -(gamma + 1):]
+        fed = ctx.unfed(ctx.target_cache) + draft.tolist()
+        # the session's own logits (copy=False): banned in place and read before the next target call
+        logits = ctx.target.forward(fed, ctx.target_cache, copy=False)[0, -(gamma + 1):]
         logits = ctx.no_repeat(logits, [draft[:j] for j in range(gamma + 1)])
-        n = accept_length(token_logprobs(score(ctx, logits[:gamma]), draft), logq, ctx.cfg.tau)
+        n = accept_length(draft_logprobs(ctx, logits[:gamma], draft), logq, ctx.cfg.tau)
         token = ctx.pick(logits[n])
         ctx.target_cache.crop(base + n)
         ctx.draft_cache.crop(min(ctx.draft_cache.length, base + n))
