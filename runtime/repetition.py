@@ -50,10 +50,11 @@ class NGramIndex:
 
     def banned(self, seq: Sequence[int], extra: Sequence[int] = ()) -> list[int]:
         n = self.n
-        extra = extra.tolist() if isinstance(extra, np.ndarray) else [int(t) for t in extra]
-        tail = [int(t) for t in seq[max(0, len(seq) - n + 1):]] + extra
+        if isinstance(extra, np.ndarray):
+            extra = extra.tolist()
         if len(seq) + len(extra) < n:
             return []
+        tail = list(seq[max(0, len(seq) - n + 1):]) + list(extra)  # ints (NumPy ints hash and compare alike)
         key = tuple(tail[len(tail) - n + 1:])
         out = set(self.next.get(key, ()))  # n-grams that end inside seq
         last = key[-1]
@@ -79,16 +80,18 @@ def ban_tokens(logits: np.ndarray, banned_rows: Sequence[Sequence[int] | np.ndar
     # A row can lose every token only if its argmax is banned: only those rows are kept aside and checked (one argmax
     # over all rows instead of a max per banned row: right after a model call every NumPy call costs ~5 us)
     top = rows.argmax(axis=1).tolist()
-    risky = {i: rows[i].copy() for i in {i for i, t in pairs if t == top[i]}}
+    risky = {i for i, t in pairs if t == top[i]}
+    kept = [(i, t, rows[i, t]) for i, t in pairs if i in risky]
     if len(pairs) <= 32:  # a draft beam's few banned tokens: scalar writes
         for i, t in pairs:
             rows[i, t] = -np.inf
     else:  # one scatter (a verification bans over gamma + 1 rows)
         r, t = np.array(pairs, dtype=np.int64).T
         rows[r, t] = -np.inf
-    for i, kept in risky.items():
-        if rows[i].max() == -np.inf:  # never ban every token: such a row is left alone
-            rows[i] = kept
+    dead = {i for i in risky if rows[i].max() == -np.inf}
+    for i, t, x in kept:  # never ban every token: such a row is left alone
+        if i in dead:
+            rows[i, t] = x
     return out
 
 
