@@ -327,8 +327,9 @@ def run_bench(engine, prompts: list[str], configs: Iterable[tuple[str, Generatio
     prompt (load_references), for the task metric.
     """
     references = references or [None] * len(prompts)
-    # tune=None (auto) is resolved before the per-prompt seeds below, which would otherwise turn tuning off
-    rows = [Row(name, replace(cfg, ignore_eos=True, tune=cfg.tuning)) for name, cfg in configs]
+    # tune=None (auto) is resolved before the per-prompt seeds below, which would otherwise turn tuning off; gamma
+    # None (auto) too, so the report says which gamma ran
+    rows = [Row(name, replace(cfg.resolved(), ignore_eos=True, tune=cfg.tuning)) for name, cfg in configs]
     if not rows:
         raise ConfigError("nothing to benchmark: give at least one configuration")
     if repeats < 1 or warmup < 0:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .config import GenerationConfig
+from .config import DEFAULT_GAMMA, GREEDY_JOINT_GAMMA, GenerationConfig
 from .errors import MjsdError
 
 # Exit codes (README "Exit codes"): 0 success, 1 error, 2 usage (a bad flag or value), 130 interrupted (Ctrl-C).
@@ -465,8 +465,9 @@ def format_stats(stats: dict) -> str:
 @click.option("--top-k", type=int, default=GenerationConfig.top_k, show_default=True, help="0 = off.")
 @click.option("--top-p", type=FINITE, default=GenerationConfig.top_p, show_default=True, help="1 = off.")
 @click.option("--seed", type=int, help="Seed for sampling (reproducible runs).")
-@click.option("--gamma", "--draft-max", "gamma", type=int, default=GenerationConfig.gamma, show_default=True,
-              help="Draft tokens per round (sps, mjsd, mtad; the most, with --draft-p-min or tuning).")
+@click.option("--gamma", "--draft-max", "gamma", type=int,
+              help="Draft tokens per round (sps, mjsd, mtad; the most, with --draft-p-min or tuning). "
+                   f"[default: {GREEDY_JOINT_GAMMA} for mjsd and mtad at temperature 0, else {DEFAULT_GAMMA}]")
 @click.option("--beam-width", type=int, default=GenerationConfig.beam_width, show_default=True,
               help="Draft beams (mjsd, mtad, mmtad).")
 @click.option("--tau", type=FINITE, default=GenerationConfig.tau, show_default=True,
@@ -610,7 +611,8 @@ def serve_cmd(bundle, host, port, profile, power_budget, api_key, max_queue, tim
 @click.option("--top-k", type=int, default=10, show_default=True, help="top-k at temperature > 0.")
 @click.option("--top-p", type=FINITE, default=0.9, show_default=True, help="top-p at temperature > 0.")
 @click.option("-n", "--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--gamma", type=int, default=GenerationConfig.gamma, show_default=True)
+@click.option("--gamma", type=int, help=f"[default: {GREEDY_JOINT_GAMMA} for mjsd and mtad at temperature 0, else "
+                                        f"{DEFAULT_GAMMA}]")
 @click.option("--beam-width", type=int, default=GenerationConfig.beam_width, show_default=True)
 @click.option("--tau", type=FINITE, default=GenerationConfig.tau, show_default=True)
 @click.option("--draft-p-min", type=FINITE, default=GenerationConfig.draft_p_min, show_default=True)
@@ -685,7 +687,7 @@ def _list(kind):
 @click.option("--algos", default="ar,sps,mtad", show_default=True, callback=_list(str))
 @click.option("--beam-widths", default=str(GenerationConfig.beam_width), show_default=True, callback=_list(int),
               help="For mjsd, mtad, mjgd.")
-@click.option("--gammas", default=str(GenerationConfig.gamma), show_default=True, callback=_list(int))
+@click.option("--gammas", default=str(DEFAULT_GAMMA), show_default=True, callback=_list(int))
 @click.option("--taus", default=str(GenerationConfig.tau), show_default=True, callback=_list(float),
               help="For mjsd, mtad.")
 @click.option("--no-repeat-ngram-size", type=click.IntRange(min=0), default=GenerationConfig.no_repeat_ngram_size,

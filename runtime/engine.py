@@ -231,7 +231,7 @@ class Engine:
 
     # --- generation ---------------------------------------------------------------------------------------------
     def config(self, config: GenerationConfig | None = None, **params) -> GenerationConfig:
-        """A validated GenerationConfig: `config` (or the defaults) updated with `params`."""
+        """A validated GenerationConfig: `config` (or the defaults) updated with `params`, auto gamma resolved."""
         if config is not None and not isinstance(config, GenerationConfig):
             raise ConfigError(f"config must be a GenerationConfig (or None), not {type(config).__name__}; pass "
                               "parameters as keywords, e.g. generate(prompt, temperature=0.8)")
@@ -239,7 +239,7 @@ class Engine:
         unknown = sorted(set(params) - set(base.to_dict()))
         if unknown:
             raise ConfigError(f"unknown generation parameter(s) {unknown}; valid: {sorted(base.to_dict())}")
-        return replace(base, **params)
+        return replace(base, **params).resolved()
 
     def generate(self, prompt: str | list[int], config: GenerationConfig | None = None, **params) -> Result:
         with TextStream(self, self.encode(prompt), self.config(config, **params), pieces=False) as stream:

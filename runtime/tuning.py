@@ -87,6 +87,7 @@ class OnlineTuning:
         self._lock = threading.Lock()
 
     def tuner(self, cfg: GenerationConfig) -> ThroughputTuner:
+        cfg = cfg.resolved()
         with self._lock:
             key = controller_key(cfg)
             if key not in self.controllers:

@@ -287,7 +287,9 @@ def test_config_refusals_name_parameter_value_and_range(field, value, valid):
 
 def test_config_defaults_and_normalisation():
     c = GenerationConfig(algo="sps", k_config=[3, 1], stop="END")
-    assert c.k_config == (3, 1) and c.stop == ("END",) and c.gamma == 16 and c.tau == 0.05  # BENCHMARKS.md
+    assert c.k_config == (3, 1) and c.stop == ("END",) and c.gamma is None and c.tau == 0.05  # BENCHMARKS.md
+    assert c.resolved().gamma == 16 and GenerationConfig().resolved().gamma == 24  # auto: mtad at T=0 drafts more
+    assert GenerationConfig(temperature=1.0).resolved().gamma == 16 and GenerationConfig().lookahead == 24
     assert (c.beam_width, c.no_repeat_ngram_size, c.draft_p_min, c.tune, c.tuning) == (2, 3, 0.0, None, True)
     assert not dataclasses.replace(c, seed=1).tuning and dataclasses.replace(c, seed=1, tune=True).tuning
     assert c.lookahead == 16 and GenerationConfig(algo="ar").lookahead == 0 and GenerationConfig().algo == "mtad"

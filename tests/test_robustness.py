@@ -526,7 +526,9 @@ def test_cli_and_engine_defaults_are_generation_configs(engine):
     cfg = GenerationConfig()
     shared = [k for k in cfg.to_dict() if k in defaults and k != "k_config"]  # --k-config: None = the config's
     assert len(shared) >= 10 and {k: defaults[k] for k in shared} == {k: getattr(cfg, k) for k in shared}
-    assert engine.config() == cfg and cfg.algo == "mtad"
+    assert engine.config() == cfg.resolved() and cfg.algo == "mtad" and cfg.gamma is None  # auto: resolved per run
+    assert engine.config().gamma == 24 and engine.config(temperature=1.0).gamma == 16
+    assert engine.config(algo="sps").gamma == 16 and engine.config(gamma=5).gamma == 5
     record("defaults: GenerationConfig() vs CLI vs Engine", "identical, algo mtad", f"{len(shared)} shared fields equal")
 
 

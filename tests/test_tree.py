@@ -179,7 +179,7 @@ def test_mmtad_kv_state_after_every_round_equals_a_fresh_forward(llama, cfg):
     accepted node's beam may have died out, and the draft keeps the row sharing most of its path."""
     _, target, _, twin = llama
     draft = noisy(twin)
-    cfg = GenerationConfig(algo="mmtad", **cfg)
+    cfg = GenerationConfig(algo="mmtad", **cfg).resolved()
     ctx = prefill(target, [1, 17, 42, 99], cfg, GenerationStats(), draft=draft)
     rounds, accepted, lags = ALGORITHMS["mmtad"](ctx), [], []
     for _ in range(10):

@@ -22,7 +22,7 @@ def test_search_space_stays_within_the_run():
     assert search_space(GenerationConfig(algo="sps", gamma=5, beam_width=4)) == ([4], [1, 2, 3, 4, 5])
     tuning = OnlineTuning()
     for cfg, start in ((GenerationConfig(algo="sps"), 4), (GenerationConfig(algo="sps", gamma=2), 2),
-                       (GenerationConfig(algo="mtad"), 16)):
+                       (GenerationConfig(algo="mtad"), 24), (GenerationConfig(algo="mtad", temperature=1.0), 16)):
         assert tuning.tuner(cfg).controller.choose() == (cfg.beam_width, start)
 
 

@@ -53,6 +53,7 @@ def stream_ids(target: ModelSession, prompt_ids: Sequence[int], cfg: GenerationC
     from . import ALGORITHMS
 
     vocab_size = vocab_size or target.spec.vocab_size
+    cfg = cfg.resolved()  # gamma None: auto_gamma
     prompt = [int(t) for t in prompt_ids]
     if not prompt:
         raise ConfigError("the prompt is empty: give at least one token (e.g. the BOS token)")
@@ -129,6 +130,7 @@ def prefill(target: ModelSession, prompt: list[int], cfg: GenerationConfig, stat
             draft: ModelSession | None = None, vocab_size: int | None = None) -> DecodeContext:
     """New caches holding all prompt tokens but the last, which is the first round's pending token. For AR the target
     takes the whole prompt instead, and its last logits give the first token (one call fewer, as every AR runtime)."""
+    cfg = cfg.resolved()
     ctx = DecodeContext(target=target, target_cache=target.new_cache(), cfg=cfg, stats=stats,
                         rng=np.random.default_rng(cfg.seed), vocab_size=vocab_size or target.spec.vocab_size,
                         ids=list(prompt))
