@@ -38,6 +38,9 @@ class Scorer:
         from .session import session_options  # the process's intra-op pool, like every mjsd session
 
         opts = session_options()
+        if opts.use_per_session_threads:  # no shared pool: a graph this small needs no threads of its own to spin
+            opts.intra_op_num_threads = 1
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
         self._sess = {name: ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
                       for name, path in GRAPHS.items()}

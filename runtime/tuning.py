@@ -67,8 +67,11 @@ class ThroughputTuner:
                                         drafted=s.draft_tokens - self._counts[0],
                                         accepted=s.accepted_tokens - self._counts[1])
             width, gamma = self.controller.choose()
-            s.controller = [d.to_dict() for d in self.controller.history[self._first:]]
-        ctx.cfg = replace(ctx.cfg, beam_width=width, gamma=gamma)
+            history = self.controller.history[self._first:]
+            if s.controller is None or len(history) != len(s.controller):  # (rebuilt every round: ~1% of a round)
+                s.controller = [d.to_dict() for d in history]
+        if (width, gamma) != (ctx.cfg.beam_width, ctx.cfg.gamma):  # a new config validates itself: only on a change
+            ctx.cfg = replace(ctx.cfg, beam_width=width, gamma=gamma)
         self._counts = (s.draft_tokens, s.accepted_tokens)
         self._last = self._clock()  # the tuner's own time is not the next round's
 
