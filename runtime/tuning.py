@@ -28,6 +28,11 @@ GAMMAS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24)  # the steps a tuner walk
 # bundle is 3-6 while MTAD's is 12-16, BENCHMARKS.md): walking down from the shared default 16 one probe at a time
 # took SpS more than 32 generations, so it starts at 4 and may grow up to the run's gamma.
 SPS_START_GAMMA = 4
+# An undecided probe is settled after 2 dwells (24 rounds), not the power controller's 4: without a budget nothing
+# rides on a probe but speed, and a long probe of a configuration within noise of the current one is pure cost (the
+# first probe of a 32-generation run took 48 of its 80-144 rounds; MTAD tuned vs untuned 3-5% -> 1-2%, BENCHMARKS.md
+# "Fifth pass")
+PROBE_DWELLS = 2
 
 
 def search_space(cfg: GenerationConfig) -> tuple[list[int], list[int]]:
@@ -97,5 +102,5 @@ class OnlineTuning:
                 widths, gammas = search_space(cfg)
                 self.controllers[key] = PowerController(widths, gammas, None, "throughput",
                                                         (cfg.beam_width, start_gamma(cfg)), self.ewma_alpha,
-                                                        self.dwell_rounds)
+                                                        self.dwell_rounds, probe_dwells=PROBE_DWELLS)
             return ThroughputTuner(self.controllers[key], self._lock)

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from mjsd.runtime.bench import config_variant
 from mjsd.runtime.cli import main
 from mjsd.runtime.config import GenerationConfig
+from mjsd.runtime.energy.controller import PowerController
 from mjsd.runtime.engine import Engine
 from mjsd.runtime.errors import ConfigError
 from mjsd.runtime.stats import GenerationStats
@@ -24,6 +25,8 @@ def test_search_space_stays_within_the_run():
     for cfg, start in ((GenerationConfig(algo="sps"), 4), (GenerationConfig(algo="sps", gamma=2), 2),
                        (GenerationConfig(algo="mtad"), 24), (GenerationConfig(algo="mtad", temperature=1.0), 16)):
         assert tuning.tuner(cfg).controller.choose() == (cfg.beam_width, start)
+    # without a budget an undecided probe is settled after 2 dwells (a long probe within noise is pure cost)
+    assert tuning.tuner(GenerationConfig()).controller.probe_dwells == 2 < PowerController([1], [1]).probe_dwells
 
 
 class Clock:

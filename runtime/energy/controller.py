@@ -35,7 +35,8 @@ How it decides (after onnxruntime-genai's adaptive-K rule, made safe for real me
   the budget, untried costlier ones without HEADROOM, well-measured ones whose upper bound is below the current mean;
 - a probe runs at least `dwell_rounds` rounds; it ends early when clearly better or worse (three standard errors after
   one dwell, two later) than the prior configuration, or when its power is likely over the budget (one standard
-  error); it is kept only once its power is clearly within budget + 5%; undecided after 4 dwells it is kept at >= 97%
+  error); it is kept only once its power is clearly within budget + 5%; undecided after `probe_dwells` (4; the
+  throughput tuner without a budget: 2) dwells it is kept at >= 97%
   of the prior's score (at >= 100% when chasing throughput with no budget: no drift downhill). A rejected probe
   doubles the probe interval (backoff): no oscillation round by round;
 - probing cost is bounded: no probe starts while the time spent in rejected probes exceeds PROBE_SHARE of the run.
@@ -194,16 +195,17 @@ class _Blocks:
 class PowerController:
     def __init__(self, widths=(1, 2, 4), gammas=(1, 2, 3, 4, 5, 6), budget_w: float | None = None,
                  objective: str = "throughput", start: tuple[int, int] | None = None, ewma_alpha: float = 0.25,
-                 dwell_rounds: int = 12, settle_s: float = 0.0):
+                 dwell_rounds: int = 12, settle_s: float = 0.0, probe_dwells: int = PROBE_DWELLS):
         self.widths, self.gammas = sorted(set(widths)), sorted(set(gammas))
         if not self.widths or not self.gammas or min(self.widths + self.gammas) < 1:
             raise ConfigError(f"controller needs positive widths and gammas, got {widths!r}, {gammas!r}")
         if objective not in ("throughput", "energy"):
             raise ConfigError(f"objective must be 'throughput' or 'energy', got {objective!r}")
-        if not 0 < ewma_alpha <= 1 or dwell_rounds < 2 or not 0 <= settle_s <= 10:
-            raise ConfigError(f"ewma_alpha must be in (0, 1], dwell_rounds >= 2 and settle_s in 0..10 s, got "
-                              f"{ewma_alpha}, {dwell_rounds}, {settle_s}")
+        if not 0 < ewma_alpha <= 1 or dwell_rounds < 2 or not 0 <= settle_s <= 10 or probe_dwells < 1:
+            raise ConfigError(f"ewma_alpha must be in (0, 1], dwell_rounds >= 2, settle_s in 0..10 s and probe_dwells "
+                              f">= 1, got {ewma_alpha}, {dwell_rounds}, {settle_s}, {probe_dwells}")
         self.objective, self.alpha, self.dwell, self.settle_s = objective, ewma_alpha, dwell_rounds, settle_s
+        self.probe_dwells = probe_dwells  # after this many dwells an undecided probe is settled (kept or rejected)
         start = tuple(start or (self.widths[0], self.gammas[len(self.gammas) // 2]))
         if start[0] not in self.widths or start[1] not in self.gammas:
             raise ConfigError(f"start {start} is not in widths {self.widths} x gammas {self.gammas}")
@@ -475,12 +477,12 @@ class PowerController:
         if self._feasible(self.current) is False or likely_over or probe.mean < prior.mean - margin:
             self._reject_probe()
         elif self._power_unsure():
-            if self._here >= 2 * PROBE_DWELLS * self.dwell and self._visit.power.mean > self.budget_w:
+            if self._here >= 2 * self.probe_dwells * self.dwell and self._visit.power.mean > self.budget_w:
                 self._reject_probe()  # long measured and more likely over the budget than not
             # else not kept while its power may still be over the budget: measure on
         elif probe.mean > prior.mean + margin:
             self._keep_probe(improved=True)
-        elif self._here >= PROBE_DWELLS * self.dwell:
+        elif self._here >= self.probe_dwells * self.dwell:
             # Under a budget an undecided probe may cost up to 3% of the score (it may also draw less power); chasing
             # tokens/s alone it must at least match: each 97% step kept would compound into a drift downhill.
             keep_at = 1.0 if self.budget_w is None and self.objective == "throughput" else KEEP_RATIO
