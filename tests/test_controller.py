@@ -293,3 +293,19 @@ def test_from_profile_offers_nothing_above_the_runs_gamma_and_width():
     ctl = PowerController.from_profile(load_profile("generic-cpu"), 20.0, max_width=2, max_gamma=3)
     assert max(ctl.widths) <= 2 and max(ctl.gammas) <= 3 and ctl.choose() in [(w, g) for w in ctl.widths
                                                                                for g in ctl.gammas]
+
+
+def test_chasing_tokens_per_s_does_not_walk_among_equally_fast_configurations():
+    """No budget, throughput: every gamma equally fast (each drafted token accepted, round time proportional to the
+    tokens it yields) with 5% noise. Undecided probes are rejected, so the controller stays where it started instead
+    of following noise (kept at >= 100%, half such probes would be kept and compound into a walk)."""
+    for seed in range(6):
+        rng = random.Random(seed)
+        ctl = PowerController([2], [12, 14, 16], None, "throughput", (2, 16), probe_dwells=2)
+        for _ in range(600):
+            w, g = ctl.choose()
+            ctl.observe(w, g, tokens=g + 1, seconds=0.0005 * (g + 1) * rng.uniform(0.95, 1.05), watts=0.0,
+                        drafted=g, accepted=g)
+        reasons = [d.reason for d in ctl.history]
+        assert "probe rejected" in reasons and "probe kept" not in reasons, (seed, reasons)
+        assert ctl.choose() in ((2, 16), (2, 14))  # at most a probe running at the end
