@@ -2,7 +2,8 @@
 
 A draft y_1..y_gamma is scored by joint log-likelihoods logP(y_1..s) = sum_{j<=s} log p~_j(y_j) (and logQ alike);
 the draft side picks it by beam search (deterministic) or beam sampling (MTAD) over cumulative logQ.
-Beam steps work on a flattened (beam, token) table: index i stands for beam i // V extended by token i % V.
+Beam steps rank or draw (beam, token) pairs: over each beam's few best children or top-k support as Python floats
+(`beam_search_top`, `beam_sample_top`), or over a dense [B, V] table (`beam_search_step`, `beam_sample_step`).
 """
 from __future__ import annotations
 
@@ -45,9 +46,8 @@ def accept_length(logp: np.ndarray, logq: np.ndarray, tau: float) -> int:
 
 def _keep_greedy(picked: list, greedy_beam: int, greedy_pair) -> tuple[list, int]:
     """Make sure the greedy chain's extension (greedy_pair: the greedy beam's argmax token, written like the picked
-    pairs: a (beam, token) tuple or a flat index) is among
-    the picked pairs (replacing the last pick); returns the pairs and the greedy chain's new beam index (-1 once
-    lost). A single beam is left alone: beam search of width 1 is the greedy chain anyway, and beam sampling of width
+    pairs: a (beam, token) tuple or a flat index) is among the picked pairs (replacing the last pick); returns the
+    pairs and the greedy chain's new beam index (-1 once lost). A single beam is left alone: beam search of width 1 is the greedy chain anyway, and beam sampling of width
     1 is a sampled chain."""
     if greedy_beam < 0:
         return picked, -1
@@ -75,7 +75,7 @@ def beam_search_top(cum: list[float], values: list[list[float]], tokens: list[li
                     greedy_beam: int):
     """One deterministic beam-search step on cumulative logQ, from each beam's best children only: the `width` best
     (beam, token) pairs lie among each beam's `width` best children, and a handful of candidates rank faster as
-    Python floats than through NumPy (a draft step runs this 16 times a round).
+    Python floats than through NumPy (every draft step runs this).
 
     cum [B]: the beams' joint log-likelihoods; values[b], tokens[b]: beam b's best children (log-likelihoods and
     token ids, best first; -inf entries are skipped); greedy_beam: the beam that is the greedy chain (-1: none), kept

@@ -53,7 +53,6 @@ def stream_ids(target: ModelSession, prompt_ids: Sequence[int], cfg: GenerationC
     from . import ALGORITHMS
 
     vocab_size = vocab_size or target.spec.vocab_size
-    cfg = cfg.resolved()  # gamma None: auto_gamma
     prompt = [int(t) for t in prompt_ids]
     if not prompt:
         raise ConfigError("the prompt is empty: give at least one token (e.g. the BOS token)")
