@@ -24,6 +24,10 @@ is outside every timing):
   (several bundles run interleaved in the same process: old vs new graphs as same-run ratios; rows and ratios are
   named `mjsd[LABEL] ...` then, the first bundle is the reference for "same tokens").
 Every prompt runs every system in turn, `--repeats` passes; wall time of one generation = prefill + decode.
+The order is a fresh seeded shuffle for every prompt: the first generation after another process ran pays for the
+switch (measured with a fixed order: mjsd AR's prompt pass 16.3-18.4 ms right after onnxruntime-genai's process,
+13.3 ms for the same AR after mjsd's SpS and MTAD), so a fixed order, or a rotation that keeps each system's
+neighbours, charges that to the same systems every time.
 `--settle` seconds of idle precede every generation: a peer's spinning thread pool goes on burning a core for
 tens of ms after its call returns (measured: mjsd AR 1.72 ms/call alone, 2.33 right after an onnxruntime-genai
 generation, 1.76 after a 50 ms pause), which would charge one system for the one before it.
@@ -42,6 +46,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -311,10 +316,10 @@ def main() -> None:
     prompts = load_prompts(args.prompts, args.limit)
     ids_list = [engine.encode(p) for p in prompts]
     base = dict(max_new_tokens=n, ignore_eos=True, gamma=gamma, beam_width=args.beam_width, tau=args.tau, **PLAIN)
-    systems = {f"{prefix[label]} {a}": (lambda ids, cur, e=e, a=a: mjsd_run(e, ids, GenerationConfig(algo=a, **base)))
+    systems = {f"{prefix[label]} {a}": (lambda ids, ref, e=e, a=a: mjsd_run(e, ids, GenerationConfig(algo=a, **base)))
                for label, e in engines.items() for a in ("ar", "sps", "mtad")}
     for label, e in engines.items():  # what a user gets with no parameters (n-gram ban and online tuning on)
-        systems[f"{prefix[label]} mtad-defaults"] = (lambda ids, cur, e=e: mjsd_run(
+        systems[f"{prefix[label]} mtad-defaults"] = (lambda ids, ref, e=e: mjsd_run(
             e, ids, GenerationConfig(algo="mtad", max_new_tokens=n, ignore_eos=True)))
     ref_name = f"{prefix[next(iter(engines))]} ar"
     report = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "machine": platform.platform(),
@@ -332,14 +337,14 @@ def main() -> None:
             hf = HF(args.checkpoints, args.peer_threads or args.threads, fixed=bool(args.peer_threads))
             report["weights_max_abs_logit_diff"] = {lb: weights_check(e, hf, ids_list[0]) for lb, e in engines.items()}
             report["hf_torch_threads"] = hf.threads
-            systems["hf ar"] = lambda ids, cur: hf.generate(ids, n, None)
-            systems["hf assisted"] = lambda ids, cur: hf.generate(ids, n, gamma)
+            systems["hf ar"] = lambda ids, ref: hf.generate(ids, n, None)
+            systems["hf assisted"] = lambda ids, ref: hf.generate(ids, n, gamma)
         if not args.skip_ortgenai:
             w = workers["ortgenai"] = Worker("onnxruntime-genai", ensure_venv(args.ortgenai_venv),
                                              "peer_ortgenai_worker.py", args.checkpoints, cache, args.threads)
             report["versions"]["onnxruntime-genai"] = w.version
-            systems["ortgenai ar"] = lambda ids, cur, w=w: w.generate("ar", ids, n, gamma)
-            systems["ortgenai spec"] = lambda ids, cur, w=w: w.generate("spec", ids, n, gamma)
+            systems["ortgenai ar"] = lambda ids, ref, w=w: w.generate("ar", ids, n, gamma)
+            systems["ortgenai spec"] = lambda ids, ref, w=w: w.generate("spec", ids, n, gamma)
         if not args.skip_llamacpp:
             w = workers["llamacpp"] = Worker("llama.cpp", llamacpp_python(args.llamacpp_venv),
                                              "peer_llamacpp_worker.py", args.checkpoints, cache / "llamacpp",
@@ -347,29 +352,30 @@ def main() -> None:
                                              ("--fixed-threads",) if args.peer_threads else ())
             report["versions"]["llama-cpp-python"] = w.version
             report["llamacpp_threads"] = w.hello["threads"]
-            systems["llamacpp ar"] = lambda ids, cur, w=w: w.generate("ar", ids, n, gamma)
-            systems["llamacpp spec"] = lambda ids, cur, w=w: w.generate(
-                "spec", ids, n, gamma, ref=cur[ref_name]["tokens"] if ref_name in cur else None)
+            systems["llamacpp ar"] = lambda ids, ref, w=w: w.generate("ar", ids, n, gamma)
+            systems["llamacpp spec"] = lambda ids, ref, w=w: w.generate(
+                "spec", ids, n, gamma, ref=ref)
         for run in systems.values():  # warm-up: first-call allocations, not measured
-            run(ids_list[0][:8], {})
+            run(ids_list[0][:8], None)
+        refs = [systems[ref_name](ids, None)["tokens"] for ids in ids_list]  # untimed: "same tokens" for all
         seconds = {name: [] for name in systems}
         count = {name: [] for name in systems}
         same = {name: [] for name in systems}
         extra = {name: [] for name in systems}
         prefill = {name: [] for name in systems}
         with tqdm(total=len(ids_list) * args.repeats * len(systems), desc="peers", unit="gen") as bar:
+            order = random.Random(0)
             for _ in range(args.repeats):
-                for ids in ids_list:
-                    cur = {}
-                    for name, run in systems.items():
+                for ids, ref in zip(ids_list, refs):
+                    for name in order.sample(list(systems), len(systems)):
                         time.sleep(args.settle)
-                        r = cur[name] = run(ids, cur)
+                        r = systems[name](ids, ref)
                         got = len(r["tokens"]) if "tokens" in r else r["n_tokens"]
                         if got != n and not (got > n and "tokens" not in r):  # llama.cpp spec may overshoot
                             raise SystemExit(f"{name} generated {got} tokens, not {n}")
                         seconds[name].append(r["seconds"])
                         count[name].append(got)
-                        same[name].append(r["tokens"] == cur[ref_name]["tokens"] if "tokens" in r
+                        same[name].append(r["tokens"] == ref if "tokens" in r
                                           else r.get("text_same_as_ref"))
                         extra[name].append(r.get("stats"))
                         prefill[name].append(r.get("prefill_seconds"))
@@ -426,6 +432,7 @@ def summarise(seconds: dict, count: dict, same: dict, extra: dict, prefill: dict
         pre = (prefill or {}).get(name) or [None]
         s = {"tokens_per_s": tokens / total, "ms_per_token": 1e3 * total / tokens,
              "decode_tokens_per_s": tokens / (total - sum(pre)) if None not in pre else None,
+             "median_prefill_ms": 1e3 * statistics.median(pre) if None not in pre else None,
              "median_s": statistics.median(secs), "tokens": tokens,
              # robust to the seconds-long stalls that busy-waiting thread pools (OpenMP, ORT spinning) suffer when
              # another process takes a core on this shared VM
