@@ -23,7 +23,7 @@ import numbers
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 
@@ -236,9 +236,9 @@ class Engine:
             raise ConfigError(f"config must be a GenerationConfig (or None), not {type(config).__name__}; pass "
                               "parameters as keywords, e.g. generate(prompt, temperature=0.8)")
         base = config or GenerationConfig()
-        unknown = sorted(set(params) - set(base.to_dict()))
+        unknown = sorted(set(params) - PARAMETERS)
         if unknown:
-            raise ConfigError(f"unknown generation parameter(s) {unknown}; valid: {sorted(base.to_dict())}")
+            raise ConfigError(f"unknown generation parameter(s) {unknown}; valid: {sorted(PARAMETERS)}")
         return replace(base, **params).resolved()
 
     def generate(self, prompt: str | list[int], config: GenerationConfig | None = None, **params) -> Result:
@@ -331,7 +331,9 @@ def check_token_ids(prompt, vocab_size: int) -> list[int]:
         ids = list(prompt)
     except TypeError:
         raise ConfigError(f"the prompt must be a str or a list of int token ids, not {type(prompt).__name__}") from None
-    bad = next((t for t in ids if not isinstance(t, numbers.Integral) or isinstance(t, (bool, np.bool_))), None)
+    # plain ints first: an isinstance test against numbers.Integral costs ~0.6 us a token (~70 us for a prompt)
+    bad = None if all(type(t) is int for t in ids) else next(
+        (t for t in ids if not isinstance(t, numbers.Integral) or isinstance(t, (bool, np.bool_))), None)
     if bad is not None:
         raise ConfigError(f"prompt token id {bad!r} ({type(bad).__name__}) is not an integer: pass a str or a list "
                           "of int token ids")
@@ -344,6 +346,7 @@ def check_token_ids(prompt, vocab_size: int) -> list[int]:
     return ids
 
 
+PARAMETERS = frozenset(f.name for f in fields(GenerationConfig))  # what generate(**params) accepts
 TUNABLE = ("sps", "mjsd", "mtad", "mmtad")  # algorithms whose gamma (and beam width) the power controller may change
 
 
