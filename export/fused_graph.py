@@ -10,7 +10,8 @@ standard-graph exporter, caps transformers < 4.58) and its graph has neither `po
 Inputs: `input_ids` [B,S], `attention_mask` [B, past+S] (its row sums tell GroupQueryAttention how much of the KV
 buffer is live: rollback is a shorter mask), `position_ids` [B,S], `attention_bias` [1 or B,1,S,past+S] (0 or the
 dtype's lowest value; zeros for a chain, the tree mask for tree verification), `past_key_values.{i}.key/value`
-[B, kv_heads, buffer, head_dim]. Outputs: `logits` [B,S,V] float32, `present.{i}.key/value`. Bound to the same
+[B, kv_heads, buffer, head_dim], `logits_to_keep` [1] (logits of the last k positions only; 0 = all). Outputs:
+`logits` [B,S or k,V] float32, `present.{i}.key/value`. Bound to the same
 buffer as the past (runtime/session.py), GroupQueryAttention writes the new entries in place; fed a plain past it
 returns concat(past, new) like the standard graph. It rejects batch > 1 with S > 1 and a past (beams decode one
 token a step; MCSD verifies as a tree).
@@ -161,6 +162,11 @@ def emit(model, max_context: int, fp16: bool = False):
         norm_in, _, _, residual = g.node("SkipSimplifiedLayerNormalization",
                                          [down, residual, g.init(f"layers.{i + 1}.in_norm", _np(w))],
                                          f"layers.{i + 1}/input_norm", n_out=4, domain=MS, epsilon=eps)
+    # logits_to_keep (Hugging Face's name): the lm_head runs on the last k positions only, 0 = all. A prompt pass needs
+    # one row of its [S, V] logits (AR) or none (the others), and the lm_head is ~5% of a prompt pass here
+    first = g.node("Neg", ["logits_to_keep"], "logits_to_keep/neg")[0]
+    norm_in = g.node("Slice", [norm_in, first, g.init("slice_end", np.array([2 ** 62], np.int64), np.int64),
+                               g.init("axis1_list", np.array([1], np.int64), np.int64)], "logits_to_keep/slice")[0]
     if cfg.tie_word_embeddings:
         lm_w = g.node("Transpose", [embed], "lm_head/transpose", perm=[1, 0])[0]
     else:
@@ -179,7 +185,8 @@ def emit(model, max_context: int, fp16: bool = False):
               helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info(BIAS, elem, ["bias_batch_size", 1, "sequence_length",
                                                              "total_sequence_length"])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", vocab])]
+    inputs.append(helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]))
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "logits_length", vocab])]
     for i in range(len(layers)):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", elem, kv))

@@ -116,7 +116,8 @@ def decoder_feeds(io: dict[str, Any], ids: np.ndarray, past: dict[str, np.ndarra
                 past[f"past_key_values.{i}.{kind}"] = np.zeros((b, heads, 0, hd), _NP[io["dtype"]])
     p = past["past_key_values.0.key"].shape[2]
     feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((b, p + s), np.int64),
-             "position_ids": np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy(), **past}
+             "position_ids": np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy(),
+             "logits_to_keep": np.zeros(1, np.int64), **past}  # a fused graph's: 0 = every position's logits
     if tree.BIAS in io["inputs"]:  # a tree-attention graph: causal attention is the chain's bias
         feeds[tree.BIAS] = np.repeat(tree.attention_bias(tree.chain(s), p, _NP[io["dtype"]]), b, axis=0)
     return {k: v for k, v in feeds.items() if k in io["inputs"]}
@@ -170,7 +171,7 @@ def run_tree(path: Path, io: dict[str, Any], ids: np.ndarray, providers: list[st
     _, past = _call(sess, decoder_feeds(io, ids[None, :context], None))
     feeds = {"input_ids": ids[None, context:], "position_ids": tree.positions(TREE_PARENTS, context)[None],
              tree.BIAS: tree.attention_bias(TREE_PARENTS, context, _NP[io["dtype"]]), **past,
-             "attention_mask": np.ones((1, context + len(TREE_PARENTS)), np.int64)}
+             "attention_mask": np.ones((1, context + len(TREE_PARENTS)), np.int64), "logits_to_keep": np.zeros(1, np.int64)}
     return _call(sess, {k: v for k, v in feeds.items() if k in io["inputs"]})[0][0]
 
 

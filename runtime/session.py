@@ -121,6 +121,7 @@ class ModelSession:
         self._present = [n for pair in spec.present_names() for n in pair]
         self._outputs = ["logits", *self._present]
         self._has_positions = "position_ids" in spec.inputs
+        self._keeps = "logits_to_keep" in spec.inputs  # a fused graph that can skip the lm_head (forward's last)
         self.fused = spec.graph_kind == "fused"  # its cache is a shared buffer, bound in place (host or device)
         # cache -> {rows: its _Binding}: reused while that cache's buffers stay the same; weak, so a finished
         # generation's buffers are not kept alive by the session
@@ -170,16 +171,17 @@ class ModelSession:
             cache.reset()
             self._spare.append(cache)
 
-    def forward(self, tokens, cache: KVCache, copy: bool = True) -> np.ndarray:
-        """Run tokens [B, S] (or [S]) after the cache's past; the cache grows by S. Returns float32 logits [B,S,V].
-        copy=False may return the session's own output array, overwritten by the next call on this cache: for a
-        caller that is done with the logits before then (AR), it saves a copy of them a token."""
+    def forward(self, tokens, cache: KVCache, copy: bool = True, last: int = 0) -> np.ndarray:
+        """Run tokens [B, S] (or [S]) after the cache's past; the cache grows by S. Returns float32 logits [B,S,V],
+        or of the last `last` positions only [B,last,V] (a graph with a logits_to_keep input skips the lm_head on the
+        others: a prompt pass needs one row or none). copy=False may return the session's own output array,
+        overwritten by the next call on this cache: for a caller that is done with the logits before then (AR), it
+        saves a copy of them a token."""
         ids = _rows(tokens)
         if self.fused:
-            return self._run_fused(ids, cache, None, copy)
-        if self.spec.tree_attention:
-            return self._run(ids, cache, tree.chain(ids.shape[1]))
-        return self._run(ids, cache)
+            return self._run_fused(ids, cache, None, copy, last)
+        logits = self._run(ids, cache, tree.chain(ids.shape[1]) if self.spec.tree_attention else None)
+        return logits[:, -last:] if last else logits
 
     def forward_tree(self, tokens, parents, cache: KVCache) -> np.ndarray:
         """Run a token tree [S] (parents[i]: node i's parent, -1 for the context) after the past in one call; every
@@ -222,7 +224,8 @@ class ModelSession:
         cache.update(presents)
         return logits.astype(np.float32, copy=False)
 
-    def _run_fused(self, ids: np.ndarray, cache: KVCache, parents: np.ndarray | None, copy: bool = True):
+    def _run_fused(self, ids: np.ndarray, cache: KVCache, parents: np.ndarray | None, copy: bool = True,
+                   last: int = 0):
         """Fused graph: the cache's shared buffer is bound as past and present; the new KV is written in place."""
         b, s = ids.shape
         if b != cache.batch:
@@ -240,13 +243,13 @@ class ModelSession:
             # GroupQueryAttention refuses several rows of several tokens after a past: one row at a time (MJGD's
             # enumeration; beams feed one token a step and MCSD verifies as a tree, so decoding never gets here)
             positions, bias = self._inputs(parents, past, s)
-            logits = np.concatenate([self._bind_run(ids[r:r + 1], past, positions, bias, cache.bound(r))
+            logits = np.concatenate([self._bind_run(ids[r:r + 1], past, positions, bias, cache.bound(r), last=last)
                                      for r in range(b)])
-        elif parents is None and past and self._on_host:
-            logits = self._bind_run(ids, past, None, None, cache.bound(), cache, copy)  # the kept full-width inputs
+        elif parents is None and past and self._on_host:  # the kept full-width inputs
+            logits = self._bind_run(ids, past, None, None, cache.bound(), cache, copy, last=last)
         else:
             logits = self._bind_run(ids, past, *self._inputs(parents, past, s), cache.bound(), cache, copy,
-                                    on_tree=parents is not None)
+                                    on_tree=parents is not None, last=last)
         cache.advance(s)
         return logits
 
@@ -257,7 +260,7 @@ class ModelSession:
         return tree.positions(parents, past)[None], tree.attention_bias(parents, past, DTYPES[self.spec.dtype])
 
     def _bind_run(self, ids: np.ndarray, past: int, positions: np.ndarray | None, bias: np.ndarray | None, kv: list,
-                  cache: KVCache | None = None, copy: bool = True, on_tree: bool = False) -> np.ndarray:
+                  cache: KVCache | None = None, copy: bool = True, on_tree: bool = False, last: int = 0) -> np.ndarray:
         """One run over the KV OrtValues kv (bound as past and present), on the tree graph's session if `on_tree`.
         positions: [1, S] (None: a chain after `past`). bias None: a chain on the host, run on the binding's kept
         mask and zero bias as wide as the whole buffer (GroupQueryAttention reads the length from the mask's ones),
@@ -265,8 +268,9 @@ class ModelSession:
         call's shape stay the same, with the arrays bound to it (token ids, positions, logits): right after a call,
         whose weights flushed the CPU caches, each rebinding costs ~20 us of cold Python and pybind. A session
         without position_ids and attention_bias (a chain graph) is fed neither. copy=False returns the host logits
-        array itself, valid until the next call on this cache."""
+        array itself, valid until the next call on this cache. last: logits of the last positions only (forward)."""
         b, s = ids.shape
+        keep = min(last, s) if last and self._keeps else s  # the logit rows the graph computes
         sess, bindings = (self._tree(), self._tree_bindings) if on_tree else (self._sess, self._bindings)
         entry = None
         if cache is not None:
@@ -283,14 +287,19 @@ class ModelSession:
         if cache is not None and not on_tree and self._last[1]() is not entry:
             self._last = (weakref.ref(cache), weakref.ref(entry))
         io = entry.io
-        if entry.shape != (b, s):
-            entry.shape, entry.mask = (b, s), None
-            entry.ids, entry.positions = np.empty((b, s), np.int64), np.empty((b, s), np.int64)
-            io.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(entry.ids))
-            if entry.positional:
-                io.bind_ortvalue_input("position_ids", ort.OrtValue.ortvalue_from_numpy(entry.positions))
+        if entry.shape != (b, s, keep):
+            if entry.shape is None or entry.shape[:2] != (b, s):
+                entry.mask = None
+                entry.ids, entry.positions = np.empty((b, s), np.int64), np.empty((b, s), np.int64)
+                io.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(entry.ids))
+                if entry.positional:
+                    io.bind_ortvalue_input("position_ids", ort.OrtValue.ortvalue_from_numpy(entry.positions))
+            entry.shape = (b, s, keep)
+            if self._keeps:  # 0 = every position
+                entry.keep = np.array([keep if keep < s else 0], np.int64)
+                io.bind_ortvalue_input("logits_to_keep", ort.OrtValue.ortvalue_from_numpy(entry.keep))
             if self._on_host:  # ORT writes the logits into this array: get_outputs() would wrap all 2 x layers outputs
-                entry.logits = np.empty((b, s, self.spec.vocab_size), np.float32)
+                entry.logits = np.empty((b, keep, self.spec.vocab_size), np.float32)
                 io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(entry.logits))
             else:
                 io.bind_output("logits", "cpu")
@@ -314,9 +323,10 @@ class ModelSession:
         sess.run_with_iobinding(io)
         self.time_s += time.perf_counter() - t0
         self.calls += 1
-        if self._on_host:
-            return entry.logits.copy() if copy else entry.logits
-        return io.get_outputs()[0].numpy()
+        logits = entry.logits if self._on_host else io.get_outputs()[0].numpy()
+        if last and last < logits.shape[1]:  # a graph without logits_to_keep
+            logits = logits[:, -last:]
+        return logits.copy() if copy and self._on_host else logits
 
     def _filled(self, kind: str, n: int) -> np.ndarray:
         """n ones (int64: the attention mask) or zeros (the model dtype: a chain's bias), a view of a kept buffer:
@@ -366,12 +376,12 @@ def check_fused_support(spec, on_gpu: bool, version: str = ort.__version__) -> N
 
 class _Binding:
     """A fused session's IOBinding over one cache's KV OrtValues, with the kept arrays bound to its small inputs."""
-    __slots__ = ("io", "kv", "positional", "shape", "ids", "positions", "logits", "mask", "bias", "filled",
+    __slots__ = ("io", "kv", "positional", "shape", "ids", "positions", "logits", "keep", "mask", "bias", "filled",
                  "__weakref__")
 
     def __init__(self, io, kv: list, positional: bool):
         self.io, self.kv, self.positional, self.shape = io, kv, positional, None
-        self.ids = self.positions = self.logits = self.mask = self.bias = None
+        self.ids = self.positions = self.logits = self.keep = self.mask = self.bias = None
         self.filled = 0
 
     def fill(self, length: int, width: int, dtype) -> None:

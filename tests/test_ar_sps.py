@@ -31,9 +31,9 @@ class NoisyDraft:
     def release(self, cache):
         self.s.release(cache)
 
-    def forward(self, tokens, cache, copy=True):
+    def forward(self, tokens, cache, copy=True, last=0):
         self.calls += 1
-        logits = self.s.forward(tokens, cache)
+        logits = self.s.forward(tokens, cache, last=last)
         return logits + self.rng.normal(scale=self.scale, size=logits.shape).astype(np.float32)
 
 

@@ -115,6 +115,28 @@ def test_device_branch_matches_host(fused):
     assert_same_kv(a, fresh(host, IDS[:4] + [13, 6]))
 
 
+@pytest.mark.parametrize("io_binding", [None, True])
+def test_logits_of_the_last_positions_only(llama_bundle, io_binding):
+    """forward(last=k): a fused graph's logits_to_keep runs the lm_head on k positions (a standard graph's logits are
+    sliced); the logits and the KV cache equal those of a full call, and the next full call still gets every row."""
+    spec = load_bundle(llama_bundle).target
+    fused = spec.graph_kind == "fused"
+    assert ("logits_to_keep" in spec.inputs and "logits_to_keep" in spec.chain_inputs) == fused
+    s = ModelSession(spec, threads=1, io_binding=io_binding)
+    full, part = s.new_cache(), s.new_cache()
+    want = s.forward(IDS[:7], full)
+    got = s.forward(IDS[:7], part, last=1)
+    assert got.shape == (1, 1, want.shape[2])
+    np.testing.assert_allclose(got[0, 0], want[0, -1], atol=1e-5)
+    assert_same_kv(part, full)
+    for k in (2, 3, 1, 0):  # after a past, and back to every row (0) on the same binding
+        want = s.forward(IDS[7:10], full)
+        got = s.forward(IDS[7:10], part, last=k)
+        np.testing.assert_allclose(got, want[:, -k:] if k else want, atol=1e-5)
+        full.crop(7), part.crop(7)
+    assert_same_kv(part, full)
+
+
 def test_a_tree_without_context_feeds_its_root_first(fused):
     s = ModelSession(fused.target, threads=1)
     c = s.new_cache()

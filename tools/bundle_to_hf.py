@@ -120,7 +120,8 @@ def ort_logits(model_path: Path, config, ids: np.ndarray) -> np.ndarray:
     hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     causal = np.triu(np.full((s, s), np.finfo(np.float32).min, np.float32), 1)[None, None]
     feed_all = {"input_ids": ids, "position_ids": np.arange(s, dtype=np.int64)[None],
-                "attention_mask": np.ones((1, s), np.int64), "attention_bias": causal}
+                "attention_mask": np.ones((1, s), np.int64), "attention_bias": causal,
+                "logits_to_keep": np.zeros(1, np.int64)}  # a fused graph's: 0 = all positions
     feed = {}
     for i in sess.get_inputs():
         feed[i.name] = (np.zeros((1, kv, 0, hd), np.float32) if i.name.startswith("past_key_values")

@@ -63,7 +63,7 @@ def time_calls(path: Path, shape, past: int, seq: int, n: int) -> float:
     hd = hidden // heads
     feed = {"input_ids": np.ones((1, seq), np.int64),
             "attention_mask": np.ones((1, past + seq), np.int64),
-            "position_ids": np.arange(past, past + seq, dtype=np.int64)[None]}
+            "position_ids": np.arange(past, past + seq, dtype=np.int64)[None], "logits_to_keep": np.zeros(1, np.int64)}
     for i in range(layers):
         for kvn in ("key", "value"):
             feed[f"past_key_values.{i}.{kvn}"] = np.random.default_rng(i).standard_normal(

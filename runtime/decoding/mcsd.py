@@ -50,7 +50,7 @@ def draft_tree(ctx: DecodeContext) -> CandidateTree:
     for s, k in enumerate(cfg.k_config):
         if s:
             cache.gather(np.repeat(np.arange(cache.batch), cfg.k_config[s - 1]))  # one row per child
-        logits = shared_vocab(ctx.draft.forward(feed, cache)[:, -1], ctx.vocab_size)
+        logits = shared_vocab(ctx.draft.forward(feed, cache, last=1)[:, -1], ctx.vocab_size)
         q = ctx.dist(logits)
         if cfg.temperature == 0 and not cfg.mcsd_replacement:
             children = top_children(logits, k)

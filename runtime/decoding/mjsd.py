@@ -70,7 +70,7 @@ def draft_beams(ctx: DecodeContext, sampling: bool) -> tuple[np.ndarray, np.ndar
         if n:
             cache.gather(parents)
         # the session's own logits (copy=False): banned in place and scored before the next draft call
-        logits = ctx.no_repeat(ctx.draft.forward(feed, cache, copy=False)[:, -1], beams)
+        logits = ctx.no_repeat(ctx.draft.forward(feed, cache, copy=False, last=1)[:, -1], beams)
         parents, tokens, cum, picked, greedy = beam_step(ctx, logits, cum, greedy, sampling)
         beams = [beams[p] + [t] for p, t in zip(parents, tokens)]
         logqs = [logqs[p] + [x] for p, x in zip(parents, picked)]

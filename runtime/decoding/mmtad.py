@@ -52,7 +52,7 @@ def draft_tree(ctx: DecodeContext, sampling: bool, gamma: int):
         if s:
             cache.gather(beam_parents)
             rows = np.column_stack([rows[beam_parents], level])
-        logits = ctx.draft.forward(feed, cache, copy=False)[:, -1]
+        logits = ctx.draft.forward(feed, cache, copy=False, last=1)[:, -1]
         beam_parents, toks, cum, picked, greedy = beam_step(ctx, logits, cum, greedy, sampling)  # MTAD's step
         first = sum(map(len, tokens))
         tokens.append(toks)

@@ -60,7 +60,7 @@ def sps(ctx: DecodeContext) -> Iterator[list[int]]:
         drafts, q = [], []
         feed = ctx.unfed(ctx.draft_cache)
         for _ in range(gamma):
-            logits = ctx.no_repeat(ctx.draft.forward(feed, ctx.draft_cache)[0, -1], [drafts])
+            logits = ctx.no_repeat(ctx.draft.forward(feed, ctx.draft_cache, last=1)[0, -1], [drafts])
             if is_greedy:
                 feed = [greedy(shared_vocab(logits, ctx.vocab_size))]
             else:
