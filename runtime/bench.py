@@ -34,6 +34,7 @@ import codeop
 import difflib
 import json
 import math
+import random
 import re
 import warnings
 from collections.abc import Callable, Iterable
@@ -318,8 +319,8 @@ def _ratio(a: float, b: float) -> float | None:
 def run_bench(engine, prompts: list[str], configs: Iterable[tuple[str, GenerationConfig]],
               on_step: Callable[[], None] | None = None, repeats: int = 1, warmup: int = 1,
               engines: dict | None = None, references: list[str | None] | None = None) -> list[dict]:
-    """Run every configuration on every prompt, interleaved, `repeats` times over the set (sampling seeds differ per
-    pass); return one summary per configuration.
+    """Run every configuration on every prompt, interleaved in a seeded random order per prompt, `repeats` times over
+    the set (sampling seeds differ per pass); return one summary per configuration.
 
     The baseline of a configuration is the "ar" configuration with the same temperature/top_k/top_p, if present.
     warmup: unmeasured generations per configuration first. engines: name -> Engine for configurations that need
@@ -342,7 +343,7 @@ def run_bench(engine, prompts: list[str], configs: Iterable[tuple[str, Generatio
     eos = engine.bundle.eos_token_id
     for i, (prompt, reference) in enumerate(list(zip(prompts, references)) * repeats):
         ids = engine.encode(prompt)
-        for row in rows:
+        for row in random.Random(i).sample(rows, len(rows)):  # a fresh order per prompt: no config always goes first
             cfg = replace(row.config, seed=i if row.config.seed is None else row.config.seed + i)
             r = engines.get(row.name, engine).generate(ids, cfg)
             # EOS is ignored for timing; the task metric judges the text up to the first EOS
