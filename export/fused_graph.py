@@ -20,6 +20,12 @@ Beside it, `chain.onnx` is the same graph without `position_ids` and `attention_
 GroupQueryAttention then takes each token's position from the mask and is causal by itself, which is all a chain
 needs, and each of the two inputs costs ~6% of a 1-token call on this CPU (BENCHMARKS.md). The runtime runs chains
 on it and opens the tree graph only for tree verification.
+
+A draft also gets `beam.onnx`: the chain graph plus a beam head for joint decoding's beam search, inputs `beam_k` [1]
+and `beam_bias` [B,V] (0, or -inf where the n-gram ban removes a token), outputs `beam_logprobs` and `beam_ids` [B,k]
+= TopK(LogSoftmax(the last position's logits + beam_bias), k): a beam step's best children come out of the draft call
+instead of a second ONNX Runtime call over the logits (runtime/scoring.py), ~25 us a draft step less on this CPU
+(BENCHMARKS.md). A graph of its own, because the head costs every other draft call (SpS) ~14 us.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from mjsd.runtime.tree import BIAS
 from .graph import GRAPH
 
 CHAIN_GRAPH = "chain.onnx"
+BEAM_GRAPH = "beam.onnx"
 from .sources import reason
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -197,8 +204,10 @@ def emit(model, max_context: int, fp16: bool = False):
                              ir_version=9, producer_name="mjsd.export.fused_graph")
 
 
-def build_fused_graph(src: Path, out_dir: Path, max_context: int, fp16: bool = False) -> Path:
-    """Emit the fused graph of the checkpoint at `src` into `out_dir` (fp32 for CPU, fp16 for CUDA)."""
+def build_fused_graph(src: Path, out_dir: Path, max_context: int, fp16: bool = False,
+                      beam_head: bool = False) -> Path:
+    """Emit the fused graph of the checkpoint at `src` into `out_dir` (fp32 for CPU, fp16 for CUDA), its chain graph,
+    and with `beam_head` (drafts) the beam graph."""
     import onnx
     import torch
     from transformers import AutoModelForCausalLM
@@ -215,7 +224,10 @@ def build_fused_graph(src: Path, out_dir: Path, max_context: int, fp16: bool = F
     # weights in one external file, so that chain.onnx can name the same file (saving moves them out of `proto`)
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data")
-    onnx.save_model(chain_graph(proto), str(out_dir / CHAIN_GRAPH))
+    chain = chain_graph(proto)
+    onnx.save_model(chain, str(out_dir / CHAIN_GRAPH))
+    if beam_head:
+        onnx.save_model(beam_graph(chain), str(out_dir / BEAM_GRAPH))
     return path
 
 
@@ -227,4 +239,26 @@ def chain_graph(proto):
             del node.input[9:]
     for name in ("position_ids", BIAS):
         proto.graph.input.remove(next(i for i in proto.graph.input if i.name == name))
+    return proto
+
+
+def beam_graph(chain):
+    """The beam graph (module docstring) of a chain graph: a copy with the beam head, TopK(LogSoftmax(the last
+    position's logits + beam_bias), beam_k)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    proto = type(chain)()
+    proto.CopyFrom(chain)
+    g = proto.graph
+    vocab = next(o for o in g.output if o.name == "logits").type.tensor_type.shape.dim[-1].dim_value
+    g.initializer.append(numpy_helper.from_array(np.array(-1, np.int64), "last_position"))  # a scalar: [B, V]
+    g.node.extend([helper.make_node("Gather", ["logits", "last_position"], ["beam/last"], "beam/last", axis=1),
+                   helper.make_node("Add", ["beam/last", "beam_bias"], ["beam/banned"], "beam/ban"),
+                   helper.make_node("LogSoftmax", ["beam/banned"], ["beam/log_probs"], "beam/log_softmax", axis=-1),
+                   helper.make_node("TopK", ["beam/log_probs", "beam_k"], ["beam_logprobs", "beam_ids"], "beam/top_k",
+                                    axis=-1)])
+    g.input.extend([helper.make_tensor_value_info("beam_k", TensorProto.INT64, [1]),
+                    helper.make_tensor_value_info("beam_bias", TensorProto.FLOAT, ["batch_size", vocab])])
+    g.output.extend([helper.make_tensor_value_info("beam_logprobs", TensorProto.FLOAT, ["batch_size", "beam_k"]),
+                     helper.make_tensor_value_info("beam_ids", TensorProto.INT64, ["batch_size", "beam_k"])])
     return proto

@@ -91,7 +91,9 @@ def read_io(path: Path) -> dict[str, Any]:
         raise ExportError(f"{path}: the graph is not a decoder with a KV cache (inputs {inputs[:4]}..., "
                           f"outputs {outputs[:3]}...)")
     dims = [d.dim_value if d.HasField("dim_value") else None for d in past[0].type.tensor_type.shape.dim]
+    logits = next(o for o in g.output if o.name == "logits").type.tensor_type.shape.dim
     return {"inputs": inputs, "outputs": outputs, "num_layers": len(past) // 2, "num_kv_heads": dims[1],
+            "vocab": logits[-1].dim_value if logits and logits[-1].HasField("dim_value") else None,
             "head_dim": dims[3], "dtype": _DTYPES.get(past[0].type.tensor_type.elem_type, "unknown"),
             "fused": any(n.op_type == "GroupQueryAttention" for n in g.node)}
 

@@ -236,7 +236,7 @@ def _export_model(ck: _Checkpoint, bundle: Path, quantization: str | None, fp16:
     steps.set_description_str(f"{r}: exporting the {kind} graph")
     work = Path(tempfile.mkdtemp(prefix=f"{r}-raw-", dir=bundle))
     if fused:  # emitted in its final precision: fp16 for CUDA (GroupQueryAttention has no fp32 CUDA kernel)
-        raw = fused_graph.build_fused_graph(ck.path, work, ck.max_context, fp16=fp16)
+        raw = fused_graph.build_fused_graph(ck.path, work, ck.max_context, fp16=fp16, beam_head=r == "draft")
     else:
         raw = (tree_graph.build_tree_graph if tree_attention else graph.build_decoder_graph)(ck.path, work)
     steps.update()
@@ -254,8 +254,10 @@ def _export_model(ck: _Checkpoint, bundle: Path, quantization: str | None, fp16:
             os.replace(p, model_dir / p.name)
     # a fused graph's chain graph shares its weights file; a quantized graph has new weights, so it has none
     chain = model_dir / fused_graph.CHAIN_GRAPH if fused and not quantization else None
-    if chain is not None:
-        os.replace(work / chain.name, chain)
+    beam = model_dir / fused_graph.BEAM_GRAPH if chain is not None and r == "draft" else None  # its beam head
+    for extra in (chain, beam):
+        if extra is not None:
+            os.replace(work / extra.name, extra)
     shutil.rmtree(work)
     (model_dir / "config.json").write_text(ck.config.to_json_string(), encoding="utf-8")
     steps.update()
@@ -277,10 +279,14 @@ def _export_model(ck: _Checkpoint, bundle: Path, quantization: str | None, fp16:
             validation = validate_graph(final, io, ref, ids, precision, r, lengths=lengths)
         if chain is not None:  # the chain graph runs every chain: validated on its own
             validation["chain"] = validate_graph(chain, graph.read_io(chain), ref, ids, precision, r, lengths=lengths)
+        if beam is not None:  # so does the beam graph, and its head against NumPy
+            validation["beam"] = validate_graph(beam, graph.read_io(beam), ref, ids, precision, r, lengths=lengths)
     steps.update()
-    files = [*graph.graph_files(final), *([chain] if chain is not None else []), model_dir / "config.json"]
+    extras = [p for p in (chain, beam) if p is not None]
+    files = [*graph.graph_files(final), *extras, model_dir / "config.json"]
     return {"path": f"{r}/{graph.GRAPH}", "files": {f"{r}/{p.name}": sha256_file(p) for p in files},
             **({"chain_path": f"{r}/{chain.name}"} if chain is not None else {}),
+            **({"beam_path": f"{r}/{beam.name}"} if beam is not None else {}),
             "model_type": ck.config.model_type, "num_layers": io["num_layers"], "num_kv_heads": io["num_kv_heads"],
             "head_dim": io["head_dim"], "num_attention_heads": ck.dims["num_attention_heads"],
             "hidden_size": ck.dims["hidden_size"], "vocab_size": ck.dims["vocab_size"],

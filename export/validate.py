@@ -117,10 +117,38 @@ def decoder_feeds(io: dict[str, Any], ids: np.ndarray, past: dict[str, np.ndarra
     p = past["past_key_values.0.key"].shape[2]
     feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((b, p + s), np.int64),
              "position_ids": np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy(),
-             "logits_to_keep": np.zeros(1, np.int64), **past}  # a fused graph's: 0 = every position's logits
+             "logits_to_keep": np.zeros(1, np.int64), **past,  # a fused graph's: 0 = every position's logits
+             **beam_feeds(b, io.get("vocab"))}
     if tree.BIAS in io["inputs"]:  # a tree-attention graph: causal attention is the chain's bias
         feeds[tree.BIAS] = np.repeat(tree.attention_bias(tree.chain(s), p, _NP[io["dtype"]]), b, axis=0)
     return {k: v for k, v in feeds.items() if k in io["inputs"]}
+
+
+def beam_feeds(batch: int, vocab: int | None, k: int = 1, bias: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """A draft graph's beam head inputs (fused_graph.py): k, and a zero bias (nothing banned) unless given."""
+    return {"beam_k": np.array([k], np.int64),
+            "beam_bias": np.zeros((batch, vocab or 0), np.float32) if bias is None else bias}
+
+
+def check_beam_head(path: Path, io: dict[str, Any], ids: np.ndarray, providers: list[str]) -> dict[str, Any]:
+    """A draft's beam head against NumPy on the same call's logits, with two tokens of the first row banned (one its
+    best): TopK(log_softmax(last logits + bias), k). Raises ExportError when they differ."""
+    sess, k = _session(path, providers), 4
+    ids = ids[:1, :12]
+    probe = _call(sess, decoder_feeds(io, ids, None))[0][0, -1]
+    bias = np.zeros((1, probe.size), np.float32)
+    bias[0, [int(probe.argmax()), 0]] = -np.inf
+    feeds = {**decoder_feeds(io, ids, None), **beam_feeds(1, probe.size, k, bias)}
+    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    x = out["logits"][0, -1].astype(np.float64) + bias[0]
+    want = x - x.max() - np.log(np.exp(x - x.max()).sum())
+    order = np.argsort(-want, kind="stable")[:k]
+    diff = float(np.abs(out["beam_logprobs"][0] - want[order]).max())
+    same = out["beam_ids"][0].tolist() == order.tolist()
+    if not same or diff > 1e-4:
+        raise ExportError(f"draft graph's beam head differs from NumPy (ids {out['beam_ids'][0].tolist()} vs "
+                          f"{order.tolist()}, max diff {diff:.3g}); no bundle was written")
+    return {"k": k, "max_abs_diff": diff, "ids_equal": same}
 
 
 def _session(path: Path, providers: list[str]):
@@ -171,7 +199,8 @@ def run_tree(path: Path, io: dict[str, Any], ids: np.ndarray, providers: list[st
     _, past = _call(sess, decoder_feeds(io, ids[None, :context], None))
     feeds = {"input_ids": ids[None, context:], "position_ids": tree.positions(TREE_PARENTS, context)[None],
              tree.BIAS: tree.attention_bias(TREE_PARENTS, context, _NP[io["dtype"]]), **past,
-             "attention_mask": np.ones((1, context + len(TREE_PARENTS)), np.int64), "logits_to_keep": np.zeros(1, np.int64)}
+             "attention_mask": np.ones((1, context + len(TREE_PARENTS)), np.int64), "logits_to_keep": np.zeros(1, np.int64),
+             **beam_feeds(1, io.get("vocab"))}
     return _call(sess, {k: v for k, v in feeds.items() if k in io["inputs"]})[0][0]
 
 
@@ -258,6 +287,8 @@ def validate_graph(path: Path, io: dict[str, Any], ref: np.ndarray, ids: np.ndar
         raise ExportError(f"{role} graph ({precision}) gives different logits for {d} tokens in one call than in "
                           f"{d} one-token calls (max diff {c['max_abs_diff']:.3g}, top-1 agreement "
                           f"{c['top1_agreement']:.2f}): speculative decoding would not be exact; no bundle was written")
+    if "beam_k" in io["inputs"]:
+        stats["beam_head"] = check_beam_head(path, io, ids, providers)
     if tree_ref is not None:
         stats["tree"] = _compare(tree_ref[1], got_tree, precision, role,
                                  f"tree of {len(TREE_PARENTS)} nodes after {n['tree_context']} tokens")

@@ -7,6 +7,7 @@ Layout::
     BUNDLE/target/model.onnx (+ model.onnx.data when weights are external)
     BUNDLE/target/chain.onnx (fused models: the chain graph, on model.onnx.data; ModelSpec.chain_path)
     BUNDLE/draft/model.onnx (+ the same)
+    BUNDLE/draft/beam.onnx (fused drafts: the chain graph with a beam head, on model.onnx.data; ModelSpec.beam_path)
     BUNDLE/tokenizer/tokenizer.json (+ tokenizer_config.json, special_tokens_map.json)
 """
 from __future__ import annotations
@@ -43,6 +44,8 @@ _MODEL_FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 # Inputs a fused model's chain graph drops (ModelSpec.chain_path)
 CHAIN_DROPS = ("position_ids", "attention_bias")
+# What a draft's beam graph adds to its chain graph (ModelSpec.beam_path)
+BEAM_INPUTS, BEAM_OUTPUTS = ("beam_k", "beam_bias"), ("beam_logprobs", "beam_ids")
 # KV cache dtypes a bundle may declare, and the ONNX Runtime type of their past/present tensors.
 KV_DTYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
 
@@ -116,6 +119,21 @@ class ModelSpec:
     def chain_inputs(self) -> list[str]:
         """The chain graph's inputs."""
         return [n for n in self.inputs if n not in CHAIN_DROPS]
+
+    @property
+    def beam_path(self) -> Path | None:
+        """A fused draft's beam graph (manifest `beam_path`): the chain graph with a beam head (inputs beam_k and
+        beam_bias, outputs beam_logprobs and beam_ids; export/fused_graph.py). None: beam steps score the logits."""
+        rel = self.entry.get("beam_path")
+        return self.root / rel if rel else None
+
+    def graph_io(self, graph: str) -> tuple[Path, list[str], list[str]]:
+        """(path, inputs, outputs) of the model's "model", "chain" or "beam" graph."""
+        if graph == "chain":
+            return self.chain_path, self.chain_inputs, self.outputs
+        if graph == "beam":
+            return self.beam_path, self.chain_inputs + list(BEAM_INPUTS), self.outputs + list(BEAM_OUTPUTS)
+        return self.path, self.inputs, self.outputs
 
     @property
     def graph_kind(self) -> str:
@@ -206,10 +224,11 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> None:
                  f"mjsd knows ({', '.join(KV_DTYPES)}); re-export the bundle with this version of `mjsd export`")
         _require(not e.get("tree_attention") or "attention_bias" in e["inputs"], f"{where}: models.{role} claims "
                  "tree_attention but its graph has no attention_bias input; re-export the bundle")
-        if "chain_path" in e:
-            _require(isinstance(e["chain_path"], str) and e["chain_path"] in e["files"] and
-                     e.get("graph_kind") == "fused", f"{where}: models.{role}.chain_path must name a listed graph "
-                     "file of a fused model")
+        for key in ("chain_path", "beam_path"):
+            if key in e:
+                _require(isinstance(e[key], str) and e[key] in e["files"] and e.get("graph_kind") == "fused",
+                         f"{where}: models.{role}.{key} must name a listed graph file of a fused model")
+        _require("beam_path" not in e or "chain_path" in e, f"{where}: models.{role}.beam_path needs a chain_path")
     _require(m["tokenizer"]["path"] in m["tokenizer"]["files"], f"{where}: tokenizer.files does not list "
              f"tokenizer.path {m['tokenizer']['path']}")
 
@@ -403,7 +422,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
             resolve_inside(root, rel, what)
     for role in ROLES:  # the graphs are inside; what they point to is checked before ORT or a hash reads it
         entry = manifest["models"][role]
-        for rel in (entry["path"], *([entry["chain_path"]] if "chain_path" in entry else [])):
+        for rel in (entry["path"], *(entry[k] for k in ("chain_path", "beam_path") if k in entry)):
             _check_external_data(root, entry, f"{role} model", rel)
     _check_files(root, tok["files"], "tokenizer", verify)
     specs = {}
@@ -415,16 +434,17 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     return bundle
 
 
-def check_session_io(spec: ModelSpec, inputs: list, outputs: list, chain: bool = False) -> None:
-    """Compare a loaded graph's I/O (chain: of the model's chain graph) with the manifest; refuse a mismatched graph
-    with one clear line.
+def check_session_io(spec: ModelSpec, inputs: list, outputs: list, graph: str = "model") -> None:
+    """Compare a loaded graph's I/O (graph: the model's "model", "chain" or "beam" graph) with the manifest; refuse a
+    mismatched graph with one clear line.
 
     inputs / outputs: ONNX Runtime's NodeArgs (name, shape, type), or plain names (then only names are checked).
     Checked: the names, the number of KV layers, the KV heads and head_dim of every past/present tensor, their
     dtype, and the logit width, i.e. every manifest dimension the runtime sizes its buffers with."""
     names = {kind: [getattr(a, "name", a) for a in args] for kind, args in (("inputs", inputs), ("outputs", outputs))}
-    graph = (spec.chain_path if chain else spec.path).name
-    for kind, declared in (("inputs", spec.chain_inputs if chain else spec.inputs), ("outputs", spec.outputs)):
+    path, declared_inputs, declared_outputs = spec.graph_io(graph)
+    graph = path.name
+    for kind, declared in (("inputs", declared_inputs), ("outputs", declared_outputs)):
         missing, extra = sorted(set(declared) - set(names[kind])), sorted(set(names[kind]) - set(declared))
         _require(not missing and not extra, f"{spec.role} model {graph}: graph {kind} do not match the "
                  f"manifest (missing {missing}, unexpected {extra}); the bundle is mismatched, re-export it")

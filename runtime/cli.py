@@ -137,13 +137,18 @@ def _describe_bundle(root, manifest: dict, verified: bool) -> str:
                          f"{v['max_abs_diff']:.2g}, top-1 agreement {v['top1_agreement']:.2f}"
                          + (f"; tree of {len(v['tree']['parents'])} nodes {v['tree']['max_abs_diff']:.2g}"
                             if "tree" in v else "")
-                         + (f"; chain graph {v['chain']['max_abs_diff']:.2g}" if "chain" in v else ""))
+                         + (f"; chain graph {v['chain']['max_abs_diff']:.2g}" if "chain" in v else "")
+                         + (f"; beam graph {v['beam']['max_abs_diff']:.2g}, its head "
+                            f"{v['beam']['beam_head']['max_abs_diff']:.2g}" if "beam" in v else ""))
         if e.get("graph_kind") == "fused":
             lines.append(f"{'':<11} graph kind fused: GroupQueryAttention, KV in a shared in-place buffer, tree "
                          "attention (CPU; CUDA with --fp16 bundles)")
             if e.get("chain_path"):
                 lines.append(f"{'':<11} chain graph: {e['chain_path']} (no tree inputs, same weights): what chains run "
                              "on; the tree graph opens on the first token tree")
+            if e.get("beam_path"):
+                lines.append(f"{'':<11} beam graph: {e['beam_path']} (the chain graph with a beam head, same weights): "
+                             "beam search steps of mjsd/mtad get each beam's best children from the draft call")
         else:
             lines.append(f"{'':<11} graph kind standard: standard ONNX ops (every execution provider, TensorRT)")
         if e.get("tree_attention"):

@@ -109,7 +109,7 @@ class ModelSession:
         self._load_args = (opts, provs)
         # A fused model with a chain graph runs chains on it and opens its tree graph on the first tree only
         chain = spec.chain_path is not None and spec.graph_kind == "fused"
-        self._sess = self._load(spec, chain)
+        self._sess = self._load(spec, "chain" if chain else "model")
         self._tree_sess = None if chain else self._sess
         self._positional = not chain  # whether self._sess takes position_ids and attention_bias
         self.spec = spec
@@ -122,6 +122,9 @@ class ModelSession:
         self._outputs = ["logits", *self._present]
         self._has_positions = "position_ids" in spec.inputs
         self._keeps = "logits_to_keep" in spec.inputs  # a fused graph that can skip the lm_head (forward's last)
+        # a fused draft's beam graph (forward_top), opened on the first beam step like the tree graph on the first tree
+        self.beam_head = chain and spec.beam_path is not None
+        self._beam_sess, self._beam_bindings = None, weakref.WeakKeyDictionary()
         self.fused = spec.graph_kind == "fused"  # its cache is a shared buffer, bound in place (host or device)
         # cache -> {rows: its _Binding}: reused while that cache's buffers stay the same; weak, so a finished
         # generation's buffers are not kept alive by the session
@@ -137,16 +140,16 @@ class ModelSession:
         self.time_s = 0.0  # accumulated time inside ORT run calls
         self.calls = 0
 
-    def _load(self, spec: ModelSpec, chain: bool = False) -> ort.InferenceSession:
-        """An InferenceSession over the model's graph (chain: its chain graph), I/O checked against the manifest."""
-        path = spec.chain_path if chain else spec.path
+    def _load(self, spec: ModelSpec, graph: str = "model") -> ort.InferenceSession:
+        """An InferenceSession over the model's "model", "chain" or "beam" graph, I/O checked against the manifest."""
+        path = spec.graph_io(graph)[0]
         try:
             sess = ort.InferenceSession(str(path), self._load_args[0], providers=self._load_args[1])
         except Exception as e:  # ORT's Fail/InvalidProtobuf/InvalidGraph...: the graph file is unusable
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BundleError(f"{spec.role} model {path}: ONNX Runtime could not load the graph ({first}); "
                               "the file is corrupt or incompatible, re-export the bundle with `mjsd export`") from None
-        check_session_io(spec, sess.get_inputs(), sess.get_outputs(), chain)
+        check_session_io(spec, sess.get_inputs(), sess.get_outputs(), graph)
         return sess
 
     def _tree(self) -> ort.InferenceSession:
@@ -154,6 +157,12 @@ class ModelSession:
             log.info("%s model: opening the tree graph for the first token tree", self.spec.role)
             self._tree_sess = self._load(self.spec)
         return self._tree_sess
+
+    def _beam(self) -> ort.InferenceSession:
+        if self._beam_sess is None:
+            log.info("%s model: opening the beam graph for the first beam step", self.spec.role)
+            self._beam_sess = self._load(self.spec, "beam")
+        return self._beam_sess
 
     def new_cache(self, batch: int = 1) -> KVCache:
         if batch == 1 and self._spare:
@@ -182,6 +191,17 @@ class ModelSession:
             return self._run_fused(ids, cache, None, copy, last)
         logits = self._run(ids, cache, tree.chain(ids.shape[1]) if self.spec.tree_attention else None)
         return logits[:, -last:] if last else logits
+
+    def forward_top(self, tokens, cache: KVCache, k: int, banned=None) -> tuple[list[list[float]], list[list[int]]]:
+        """forward(tokens, cache, last=1) on a fused draft's beam graph (`beam_head`): each row's k best next tokens
+        under the log-softmax of its logits, with that row's `banned` tokens removed first (a row whose every token is
+        banned keeps them all, as repetition.ban_tokens does): (log-likelihoods, token ids), best first. The same
+        numbers as Scorer.beam over the banned logits, out of the model call itself."""
+        ids = _rows(tokens)
+        if ids.shape[0] > 1 and ids.shape[1] > 1:
+            raise ValueError("forward_top takes one token per row, or one row")
+        self._run_fused(ids, cache, None, copy=False, last=1, top=(k, banned))
+        return self._top
 
     def forward_tree(self, tokens, parents, cache: KVCache) -> np.ndarray:
         """Run a token tree [S] (parents[i]: node i's parent, -1 for the context) after the past in one call; every
@@ -225,7 +245,7 @@ class ModelSession:
         return logits.astype(np.float32, copy=False)
 
     def _run_fused(self, ids: np.ndarray, cache: KVCache, parents: np.ndarray | None, copy: bool = True,
-                   last: int = 0):
+                   last: int = 0, top: tuple | None = None):
         """Fused graph: the cache's shared buffer is bound as past and present; the new KV is written in place."""
         b, s = ids.shape
         if b != cache.batch:
@@ -246,10 +266,10 @@ class ModelSession:
             logits = np.concatenate([self._bind_run(ids[r:r + 1], past, positions, bias, cache.bound(r), last=last)
                                      for r in range(b)])
         elif parents is None and past and self._on_host:  # the kept full-width inputs
-            logits = self._bind_run(ids, past, None, None, cache.bound(), cache, copy, last=last)
+            logits = self._bind_run(ids, past, None, None, cache.bound(), cache, copy, last=last, top=top)
         else:
             logits = self._bind_run(ids, past, *self._inputs(parents, past, s), cache.bound(), cache, copy,
-                                    on_tree=parents is not None, last=last)
+                                    on_tree=parents is not None, last=last, top=top)
         cache.advance(s)
         return logits
 
@@ -260,21 +280,28 @@ class ModelSession:
         return tree.positions(parents, past)[None], tree.attention_bias(parents, past, DTYPES[self.spec.dtype])
 
     def _bind_run(self, ids: np.ndarray, past: int, positions: np.ndarray | None, bias: np.ndarray | None, kv: list,
-                  cache: KVCache | None = None, copy: bool = True, on_tree: bool = False, last: int = 0) -> np.ndarray:
-        """One run over the KV OrtValues kv (bound as past and present), on the tree graph's session if `on_tree`.
+                  cache: KVCache | None = None, copy: bool = True, on_tree: bool = False, last: int = 0,
+                  top: tuple | None = None) -> np.ndarray:
+        """One run over the KV OrtValues kv (bound as past and present), on the tree graph's session if `on_tree`,
+        the beam graph's with `top`.
         positions: [1, S] (None: a chain after `past`). bias None: a chain on the host, run on the binding's kept
         mask and zero bias as wide as the whole buffer (GroupQueryAttention reads the length from the mask's ones),
         so such a call writes a few ints and rebinds nothing. A cache's binding is kept while its buffers and the
         call's shape stay the same, with the arrays bound to it (token ids, positions, logits): right after a call,
         whose weights flushed the CPU caches, each rebinding costs ~20 us of cold Python and pybind. A session
         without position_ids and attention_bias (a chain graph) is fed neither. copy=False returns the host logits
-        array itself, valid until the next call on this cache. last: logits of the last positions only (forward)."""
+        array itself, valid until the next call on this cache. last: logits of the last positions only (forward).
+        top: (k, banned rows) for the beam head (forward_top); its results go to self._top."""
         b, s = ids.shape
         keep = min(last, s) if last and self._keeps else s  # the logit rows the graph computes
-        sess, bindings = (self._tree(), self._tree_bindings) if on_tree else (self._sess, self._bindings)
+        if top is not None:
+            sess, bindings = self._beam(), self._beam_bindings
+        else:
+            sess, bindings = (self._tree(), self._tree_bindings) if on_tree else (self._sess, self._bindings)
+        chain = not on_tree and top is None  # the chain graph's last binding is kept at hand
         entry = None
         if cache is not None:
-            entry = self._last[1]() if not on_tree and self._last[0]() is cache else None
+            entry = self._last[1]() if chain and self._last[0]() is cache else None
             if entry is None or entry.kv is not kv:
                 entry = bindings.setdefault(cache, {}).get(b)  # a beam draft alternates between 1 and W rows
         if entry is None or entry.kv is not kv:
@@ -284,7 +311,7 @@ class ModelSession:
                 entry.io.bind_ortvalue_output(present_name, t)
             if cache is not None:
                 bindings[cache][b] = entry
-        if cache is not None and not on_tree and self._last[1]() is not entry:
+        if cache is not None and chain and self._last[1]() is not entry:
             self._last = (weakref.ref(cache), weakref.ref(entry))
         io = entry.io
         if entry.shape != (b, s, keep):
@@ -319,14 +346,39 @@ class ModelSession:
             io.bind_cpu_input("attention_mask", self._filled("ones", b * bias.shape[-1]).reshape(b, -1))
             if entry.positional:
                 io.bind_cpu_input(tree.BIAS, bias)
+        banned = self._head(entry, b, *top) if top is not None else ()
         t0 = time.perf_counter()
         sess.run_with_iobinding(io)
         self.time_s += time.perf_counter() - t0
         self.calls += 1
+        for r, t in banned:  # back to nothing banned
+            entry.ban[r, t] = 0
+        if top is not None:
+            self._top = (entry.top[0].tolist(), entry.top[1].tolist())
         logits = entry.logits if self._on_host else io.get_outputs()[0].numpy()
         if last and last < logits.shape[1]:  # a graph without logits_to_keep
             logits = logits[:, -last:]
         return logits.copy() if copy and self._on_host else logits
+
+    def _head(self, entry: _Binding, b: int, k: int, banned) -> list[tuple[int, int]]:
+        """Bind the beam head's k, bias and outputs (once per k) and write the banned tokens' -inf into the bias;
+        returns the (row, token) pairs written."""
+        vocab = self.spec.vocab_size
+        if entry.ban is None or entry.ban.shape[0] != b:
+            entry.ban, entry.top = np.zeros((b, vocab), np.float32), None
+            entry.io.bind_ortvalue_input("beam_bias", ort.OrtValue.ortvalue_from_numpy(entry.ban))
+        if entry.top is None or entry.top[0].shape[1] != k:
+            entry.beam_k = np.array([k], np.int64)
+            entry.top = (np.empty((b, k), np.float32), np.empty((b, k), np.int64))
+            entry.io.bind_ortvalue_input("beam_k", ort.OrtValue.ortvalue_from_numpy(entry.beam_k))
+            for name, a in zip(("beam_logprobs", "beam_ids"), entry.top):
+                entry.io.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(a))
+        if not banned:
+            return []
+        pairs = [(r, t) for r, row in enumerate(banned) if len(row) < vocab for t in row if t < vocab]
+        for r, t in pairs:  # a draft step bans a few tokens: scalar writes
+            entry.ban[r, t] = -np.inf
+        return pairs
 
     def _filled(self, kind: str, n: int) -> np.ndarray:
         """n ones (int64: the attention mask) or zeros (the model dtype: a chain's bias), a view of a kept buffer:
@@ -377,11 +429,12 @@ def check_fused_support(spec, on_gpu: bool, version: str = ort.__version__) -> N
 class _Binding:
     """A fused session's IOBinding over one cache's KV OrtValues, with the kept arrays bound to its small inputs."""
     __slots__ = ("io", "kv", "positional", "shape", "ids", "positions", "logits", "keep", "mask", "bias", "filled",
-                 "__weakref__")
+                 "beam_k", "ban", "top", "__weakref__")
 
     def __init__(self, io, kv: list, positional: bool):
         self.io, self.kv, self.positional, self.shape = io, kv, positional, None
         self.ids = self.positions = self.logits = self.keep = self.mask = self.bias = None
+        self.beam_k = self.ban = self.top = None
         self.filled = 0
 
     def fill(self, length: int, width: int, dtype) -> None:

@@ -24,6 +24,7 @@ class NoisyDraft:
     def __init__(self, session, scale, seed=0):
         self.s, self.scale, self.rng = session, scale, np.random.default_rng(seed)
         self.spec, self.time_s, self.calls = session.spec, 0.0, 0
+        self.beam_head = False  # its logits are noised after the call: beam steps must score them
 
     def new_cache(self, batch=1):
         return self.s.new_cache(batch)

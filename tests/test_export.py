@@ -36,7 +36,8 @@ def _run(sess, spec, ids, past):
     p = past[0][0].shape[2]
     s = ids.shape[1]
     feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((1, p + s), np.int64),
-             "position_ids": np.arange(p, p + s, dtype=np.int64)[None], "logits_to_keep": np.zeros(1, np.int64)}
+             "position_ids": np.arange(p, p + s, dtype=np.int64)[None], "logits_to_keep": np.zeros(1, np.int64),
+             "beam_k": np.ones(1, np.int64), "beam_bias": np.zeros((1, spec.vocab_size), np.float32)}
     for (kn, vn), (k, v) in zip(spec.past_names(), past):
         feeds[kn], feeds[vn] = k, v
     if "attention_bias" in spec.inputs:  # a tree-capable graph: a chain needs no bias

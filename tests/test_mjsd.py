@@ -9,7 +9,9 @@ from mjsd.runtime.bundle import load_bundle
 from mjsd.runtime.config import GenerationConfig
 from mjsd.runtime.decoding import generate_ids, mtad, prefill
 from mjsd.runtime.errors import ConfigError
+from mjsd.runtime.repetition import ban_tokens
 from mjsd.runtime.sampling import log_softmax
+from mjsd.runtime.scoring import scorer
 from mjsd.runtime.session import ModelSession
 from mjsd.runtime.stats import GenerationStats
 from tests.test_ar_sps import NoisyDraft
@@ -107,6 +109,45 @@ def test_deterministic_mjsd_is_repeatable(llama):
                     for algo, seed in (("mjsd", None), ("mjsd", 5), ("mjsd", None), ("mtad", 9))]
             assert runs[0][0] == runs[1][0] == runs[2][0] == runs[3][0]
     assert runs[0][1].accepted_tokens > 10
+
+
+def test_beam_head_gives_the_scoring_graphs_children(llama_bundle, tiny_vocab_bundle):
+    """A fused draft's beam head (forward_top) returns, from the draft call itself, exactly what the scoring graph
+    gives over the n-gram-banned logits of the same call: one row of several tokens, two beam rows, bans that hit
+    the best token, a row whose whole vocabulary is banned (left alone), and k changing between calls."""
+    for root in (llama_bundle, tiny_vocab_bundle):
+        spec = load_bundle(root).draft
+        plain, headed = ModelSession(spec, threads=1), ModelSession(spec, threads=1)
+        assert headed.beam_head == (spec.graph_kind == "fused")
+        if not headed.beam_head:
+            continue
+        headed.forward([1, 2], headed.new_cache())
+        assert headed._beam_sess is None  # opened on the first beam step: other draft calls run the chain graph
+        vocab = spec.vocab_size
+        a, c = plain.new_cache(), headed.new_cache()
+        steps = [([[1, 5, 7, 9]], [[]], 2), ([[3]], [[0, 2]], 2), ([[4], [6]], [[], [1, 3, 5]], 2),
+                 ([[8], [2]], [list(range(vocab)), [7]], 3), ([[5], [5]], [[], []], 1)]
+        for feed, banned, k in steps:
+            if len(feed) != a.batch:
+                a.repeat(len(feed)), c.repeat(len(feed))
+            logits = plain.forward(feed, a, last=1)[:, -1]
+            # a row's ban includes its best token
+            banned = [sorted({*row, int(x.argmax())}) if 0 < len(row) < vocab else row for x, row in zip(logits, banned)]
+            want = scorer().beam(ban_tokens(logits, banned), vocab, k)
+            assert headed.forward_top(feed, c, k, banned) == tuple(want)  # bit-identical floats, same ids
+        assert headed._beam_sess is not None
+        assert headed.forward_top([[5], [5]], c, 2) == tuple(scorer().beam(plain.forward([[5], [5]], a, last=1)[:, -1],
+                                                                            vocab, 2))
+
+
+def test_mtad_on_the_beam_head_equals_mtad_on_the_scoring_graph(llama, monkeypatch):
+    b, target, draft = llama
+    if not draft.beam_head:
+        pytest.skip("a standard draft graph has no beam head")
+    cfg = dict(gamma=6, max_new_tokens=40, no_repeat_ngram_size=2)
+    headed = [gen(target, p, draft, algo=a, **cfg)[0] for p in PROMPTS for a in ("mtad", "mjsd")]
+    monkeypatch.setattr(draft, "beam_head", False)
+    assert headed == [gen(target, p, draft, algo=a, **cfg)[0] for p in PROMPTS for a in ("mtad", "mjsd")]
 
 
 def test_mjsd_finds_the_joint_argmax_greedy_misses(tiny):

@@ -43,7 +43,8 @@ def _call_size_diff(spec) -> tuple[float, bool]:
     def call(ids, past):
         p = past[0][0].shape[2]
         feeds = {"input_ids": ids[None], "attention_mask": np.ones((1, p + len(ids)), np.int64),
-                 "position_ids": np.arange(p, p + len(ids))[None], "logits_to_keep": np.zeros(1, np.int64)}
+                 "position_ids": np.arange(p, p + len(ids))[None], "logits_to_keep": np.zeros(1, np.int64),
+                 "beam_k": np.ones(1, np.int64), "beam_bias": np.zeros((1, spec.vocab_size), np.float32)}
         for (kn, vn), (k, v) in zip(spec.past_names(), past):
             feeds[kn], feeds[vn] = k, v
         out = dict(zip(names, sess.run(None, {k: v for k, v in feeds.items() if k in spec.inputs})))

@@ -203,6 +203,10 @@ def graph_session(path: Path, threads: int, past: int = 128) -> tuple:
             feeds[i.name] = np.zeros((1, 1, 1, past + 1), np.float32)
         elif i.name == "logits_to_keep":  # mjsd's fused graphs: 0 = every position's logits
             feeds[i.name] = np.zeros(1, np.int64)
+        elif i.name == "beam_k":  # mjsd's fused drafts: the beam head (a beam search step's 2 best children)
+            feeds[i.name] = np.array([2], np.int64)
+        elif i.name == "beam_bias":
+            feeds[i.name] = np.zeros((1, i.shape[1]), np.float32)
         else:  # past_key_values.{i}.key/value [1, kv_heads, past, head_dim]; genai's head_dim is symbolic
             head = i.shape[3] if isinstance(i.shape[3], int) else json.loads(
                 (path.parent / "genai_config.json").read_text())["model"]["decoder"]["head_size"]

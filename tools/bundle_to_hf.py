@@ -123,6 +123,7 @@ def ort_logits(model_path: Path, config, ids: np.ndarray) -> np.ndarray:
                 "attention_mask": np.ones((1, s), np.int64), "attention_bias": causal,
                 "logits_to_keep": np.zeros(1, np.int64)}  # a fused graph's: 0 = all positions
     feed = {}
+    feed_all.update(beam_k=np.ones(1, np.int64), beam_bias=np.zeros((1, config.vocab_size), np.float32))  # a draft's
     for i in sess.get_inputs():
         feed[i.name] = (np.zeros((1, kv, 0, hd), np.float32) if i.name.startswith("past_key_values")
                         else feed_all[i.name])

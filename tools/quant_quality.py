@@ -74,7 +74,8 @@ def export_all(work: Path) -> dict:
 def _feeds(spec, ids, past):
     p = past[0][0].shape[2]
     f = {"input_ids": ids, "attention_mask": np.ones((1, p + ids.shape[1]), np.int64),
-         "position_ids": np.arange(p, p + ids.shape[1], dtype=np.int64)[None], "logits_to_keep": np.zeros(1, np.int64)}
+         "position_ids": np.arange(p, p + ids.shape[1], dtype=np.int64)[None], "logits_to_keep": np.zeros(1, np.int64),
+         "beam_k": np.ones(1, np.int64), "beam_bias": np.zeros((1, spec.vocab_size), np.float32)}
     for (kn, vn), (k, v) in zip(spec.past_names(), past):
         f[kn], f[vn] = k, v
     return {k: v for k, v in f.items() if k in spec.inputs}

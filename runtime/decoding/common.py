@@ -18,7 +18,7 @@ import numpy as np
 from ..config import GenerationConfig
 from ..errors import ConfigError
 from ..kvcache import KVCache
-from ..repetition import NGramIndex, ban_repeats, ban_tokens
+from ..repetition import NGramIndex, ban_tokens, banned_tokens
 from ..sampling import probs, sample, shared_vocab
 from ..session import ModelSession
 from ..stats import GenerationStats
@@ -47,18 +47,26 @@ class DecodeContext:
         last round of a generation does not draft and verify tokens that max_new_tokens would cut."""
         return max(1, min(self.cfg.gamma, self.remaining - 1))
 
-    def no_repeat(self, logits: np.ndarray, extras) -> np.ndarray:
-        """logits [R, V] (or [V]) with cfg.no_repeat_ngram_size applied, row r's history being ids + extras[r]
-        (runtime/repetition.py). The logits are a model call's fresh output, so the ban is written into them."""
+    def banned(self, extras) -> list | None:
+        """Each row's tokens cfg.no_repeat_ngram_size bans, row r's history being ids + extras[r]
+        (runtime/repetition.py); None when the ban is off."""
         n = self.cfg.no_repeat_ngram_size
         if not n:
-            return logits
+            return None
         if n == 1:
-            return ban_repeats(logits, [self.ids + [int(t) for t in e] for e in extras], n)
+            return [banned_tokens(self.ids + [int(t) for t in e], n) for e in extras]
         if self.ngrams is None or self.ngrams.n != n:
             self.ngrams = NGramIndex(n)
         self.ngrams.extend(self.ids)  # ids only grow: this indexes the last round's tokens
-        return ban_tokens(logits, [self.ngrams.banned(self.ids, e) for e in extras], in_place=True)
+        return [self.ngrams.banned(self.ids, e) for e in extras]
+
+    def no_repeat(self, logits: np.ndarray, extras) -> np.ndarray:
+        """logits [R, V] (or [V]) with the banned tokens (banned) at -inf. The logits are a model call's fresh
+        output, so the ban is written into them (a copy for n = 1)."""
+        rows = self.banned(extras)
+        if rows is None:
+            return logits
+        return ban_tokens(logits, rows, in_place=self.cfg.no_repeat_ngram_size > 1)
 
     def dist(self, logits: np.ndarray) -> np.ndarray:
         """The filtered distribution of algorithms.md over the shared vocabulary."""

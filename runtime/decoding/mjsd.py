@@ -63,15 +63,19 @@ def draft_beams(ctx: DecodeContext, sampling: bool) -> tuple[np.ndarray, np.ndar
     Stops early (adaptive draft length) once the best beam's last token had draft probability below
     cfg.draft_p_min: acceptance of what would follow is unlikely. Leaves the draft cache at that beam's row (its last
     token unfed). The beams are Python lists: a few short rows update faster as lists than as NumPy arrays."""
-    cache, p_min = ctx.draft_cache, ctx.cfg.draft_p_min
+    cache, p_min, width = ctx.draft_cache, ctx.cfg.draft_p_min, ctx.cfg.beam_width
+    head = uses_beam_head(ctx, sampling)
     feed = [ctx.unfed(cache)]
     beams, logqs, cum, greedy = [[]], [[]], [0.0], 0  # the live beams: tokens, their logQ, joint logQ
     for n in range(ctx.draft_len()):
         if n:
             cache.gather(parents)
-        # the session's own logits (copy=False): banned in place and scored before the next draft call
-        logits = ctx.no_repeat(ctx.draft.forward(feed, cache, copy=False, last=1)[:, -1], beams)
-        parents, tokens, cum, picked, greedy = beam_step(ctx, logits, cum, greedy, sampling)
+        if head:  # the draft call returns each beam's best children itself
+            values, ids = ctx.draft.forward_top(feed, cache, min(width, ctx.vocab_size), ctx.banned(beams))
+            parents, tokens, cum, picked, greedy = beam_search_top(cum, values, ids, width, greedy)
+        else:  # the session's own logits (copy=False): banned in place and scored before the next draft call
+            logits = ctx.no_repeat(ctx.draft.forward(feed, cache, copy=False, last=1)[:, -1], beams)
+            parents, tokens, cum, picked, greedy = beam_step(ctx, logits, cum, greedy, sampling)
         beams = [beams[p] + [t] for p, t in zip(parents, tokens)]
         logqs = [logqs[p] + [x] for p, x in zip(parents, picked)]
         feed = [[t] for t in tokens]
@@ -80,6 +84,14 @@ def draft_beams(ctx: DecodeContext, sampling: bool) -> tuple[np.ndarray, np.ndar
     best = cum.index(max(cum))
     cache.gather([parents[best]])
     return np.array(beams[best], np.int64), np.array(logqs[best])
+
+
+def uses_beam_head(ctx: DecodeContext, sampling: bool) -> bool:
+    """Whether beam steps run on the draft graph's beam head (export/fused_graph.py): beam search scored over the
+    whole vocabulary (beam_step's beam-graph route), on a draft whose logits are exactly the shared vocabulary."""
+    c = ctx.cfg
+    return (ctx.draft.beam_head and not sampling and c.top_p >= 1.0 and not 0 < c.top_k < ctx.vocab_size
+            and ctx.draft.spec.vocab_size == ctx.vocab_size)
 
 
 def draft_should_stop(cum_logq: list[float], last_logq: list[float], p_min: float) -> bool:
