@@ -1,12 +1,14 @@
-"""Where an MTAD draft step's time goes, measured inside real rounds (BENCHMARKS.md "Fifth pass").
+"""Where an MTAD draft step's time goes, measured inside real rounds (BENCHMARKS.md "Fifth pass", "Sixth pass").
 
     flock /tmp/mjsd-bench.lock python tools/bench_draft_step.py [--temperature 0] [--limit 16] [-n 64] [--bundle B]
 
 Runs MTAD generations with the shipped defaults (online tuning off, so every run drafts alike) on the held-out
 prompts, once to warm up and twice measured, and reports per draft step (us, wall clock, within draft phases only):
-the draft model's ORT call, the Python around it (ModelSession.forward minus the call), the beam reorder
-(KVCache.gather), the n-gram ban, the scoring graph call (runtime/scoring.py) and the rest of the beam step; and the
-target's ORT time per round. Timings wrap the functions the loop calls, so the loop itself runs unchanged (the
+the draft model's ORT call (on the beam graph, its beam head included, where greedy steps run on it), the Python
+around it (ModelSession.forward / forward_top minus the call), the beam reorder (KVCache.gather), the n-gram ban
+(its banned lists, and writing them into the logits where the scoring graph scores them), the scoring graph call
+(runtime/scoring.py), the ranking of the children (joint.beam_*_top) and the rest; and the target's ORT time per
+round. Timings wrap the functions the loop calls, so the loop itself runs unchanged (the
 wrappers add ~1 us a call).
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections import Counter
 
 from mjsd.runtime import scoring, session
 from mjsd.runtime.bench import load_prompts
+from mjsd.runtime.decoding import common
 from mjsd.runtime.decoding.common import DecodeContext
 from mjsd.runtime.engine import Engine
 from mjsd.runtime.kvcache import KVCache
@@ -65,11 +68,14 @@ def main() -> None:
             totals["draft ORT"] += engine.draft.time_s - ort0
 
     mjsd.draft_beams = draft_phase
-    timed(mjsd, "beam_step", "beam step", totals, counts, inside)
     timed(engine.draft, "forward", "draft forward", totals, counts, inside)
+    timed(engine.draft, "forward_top", "draft forward", totals, counts, inside)
     timed(KVCache, "gather", "beam reorder", totals, counts, inside)
-    timed(DecodeContext, "no_repeat", "n-gram ban", totals, counts, inside)
+    timed(DecodeContext, "banned", "banned lists", totals, counts, inside)
+    timed(common, "ban_tokens", "ban into logits", totals, counts, inside)
     timed(scoring.Scorer, "_run", "scoring graphs", totals, counts, inside)
+    for name in ("beam_search_top", "beam_sample_top", "beam_search_step", "beam_sample_step"):
+        timed(mjsd, name, "ranking", totals, counts, inside)
     kw = dict(algo="mtad", max_new_tokens=args.max_new_tokens, ignore_eos=True, tune=False,
               temperature=args.temperature, seed=1)
     if args.temperature:
@@ -81,16 +87,18 @@ def main() -> None:
     counts.clear()
     stats = [engine.generate(p, **kw).stats for _ in range(2) for p in prompts]
 
-    steps, rounds = counts["beam step"], sum(s.rounds for s in stats)
+    steps, rounds = counts["draft forward"], sum(s.rounds for s in stats)
     per_step = {
         "draft ORT call": totals["draft ORT"],
         "around the call": totals["draft forward"] - totals["draft ORT"],
         "beam reorder": totals["beam reorder"],
-        "n-gram ban": totals["n-gram ban"],
+        "n-gram ban: banned lists": totals["banned lists"],
+        "n-gram ban: into the logits": totals["ban into logits"],
         "scoring graph": totals["scoring graphs"],
-        "beam step beside the scoring": totals["beam step"] - totals["scoring graphs"],  # it makes the call
-        "draft phase, all of it": totals["draft phase"],
+        "ranking the children": totals["ranking"],
     }
+    per_step["the rest"] = totals["draft phase"] - sum(per_step.values())
+    per_step["draft phase, all of it"] = totals["draft phase"]
     print(f"MTAD T={args.temperature:g}, {len(stats)} generations x {args.max_new_tokens} tokens: {rounds} rounds, "
           f"{steps / rounds:.1f} draft steps and {sum(s.generated_tokens for s in stats) / rounds:.2f} tokens a round")
     for name, seconds in per_step.items():

@@ -7,7 +7,8 @@ Peers (greedy, batch 1, exactly --max-new-tokens new tokens each, EOS ignored; t
 is outside every timing):
 - Hugging Face transformers (PyTorch eager, this venv): plain `generate` and `generate(assistant_model=draft,
   num_assistant_tokens=gamma, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0)`: fixed
-  gamma draft-model speculative decoding like mjsd's sps.
+  gamma draft-model speculative decoding like mjsd's sps; served by tools/peer_hf_worker.py in a process of its own,
+  like every peer (in mjsd's process, torch slowed mjsd's AR by ~2-3%).
 - onnxruntime-genai 0.18 (its own venv, --ortgenai-venv, created on first use: its model builder needs
   transformers 5): greedy AR, and draft-model speculative decoding (genai_config model.type "speculative",
   `set_speculative_options(max_draft_tokens=gamma)`, min_adaptive_k 0 = fixed K), models built from the same HF
@@ -100,7 +101,10 @@ class Worker:
         self.version = self.hello["version"]
 
     def generate(self, mode: str, ids: list[int], n: int, k: int, ref: list[int] | None = None) -> dict:
-        self.proc.stdin.write(json.dumps({"mode": mode, "ids": ids, "n": n, "k": k, "ref": ref}) + "\n")
+        return self.request({"mode": mode, "ids": ids, "n": n, "k": k, "ref": ref})
+
+    def request(self, req: dict) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
@@ -120,62 +124,13 @@ def llamacpp_python(venv: Path) -> Path:
     return py
 
 
-class HF:
-    def __init__(self, checkpoints: Path, threads: int, fixed: bool = False):
-        import torch
-        from transformers import AutoModelForCausalLM, GenerationConfig
-
-        self.torch = torch
-        self.target = AutoModelForCausalLM.from_pretrained(checkpoints / "target").eval()
-        self.threads = threads if fixed else self.best_threads(threads)
-        self.torch.set_num_threads(self.threads)
-        self.draft = AutoModelForCausalLM.from_pretrained(checkpoints / "draft").eval()
-        eot = self.target.config.eos_token_id
-        for m in (self.target, self.draft):  # generate() fills unset values from these: no EOS at all
-            m.generation_config.eos_token_id, m.generation_config.pad_token_id = None, eot
-        self.config = GenerationConfig(eos_token_id=None, pad_token_id=eot)
-
-    def best_threads(self, threads: int) -> int:
-        """1 or `threads` torch threads, whichever runs a 1-token forward faster here: OpenMP's busy-waiting makes
-        2 threads many times slower than 1 when another process holds a core (measured on this VM)."""
-        x = self.torch.arange(5, 69)[None]
-        best = {}
-        for t in sorted({1, threads}):
-            self.torch.set_num_threads(t)
-            with self.torch.inference_mode():
-                self.target(x)
-                t0 = time.perf_counter()
-                for _ in range(10):
-                    self.target(x[:, :1])
-                best[t] = time.perf_counter() - t0
-        return min(best, key=best.get)
-
-    def generate(self, ids: list[int], n: int, gamma: int | None) -> dict:
-        x = self.torch.tensor([ids])
-        # no EOS token: exactly n tokens (min_length would add a logits processor that assisted generation refuses)
-        kw = dict(max_new_tokens=n, do_sample=False, attention_mask=self.torch.ones_like(x),
-                  generation_config=self.config)
-        if gamma:
-            kw.update(assistant_model=self.draft, num_assistant_tokens=gamma,
-                      num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)
-        with self.torch.inference_mode():
-            t0 = time.perf_counter()
-            out = self.target.generate(x, **kw)
-            seconds = time.perf_counter() - t0
-        return {"tokens": out[0, len(ids):].tolist(), "seconds": seconds}
-
-    def logits(self, role: str, ids: list[int]) -> np.ndarray:
-        with self.torch.inference_mode():
-            return getattr(self, role)(self.torch.tensor([ids])).logits[0].numpy()
-
-
-def weights_check(engine: Engine, hf: HF, ids: list[int]) -> dict:
+def weights_check(engine: Engine, hf: Worker, ids: list[int]) -> dict:
     """max |logit diff| between each mjsd graph and its HF checkpoint over one prompt: the same weights?"""
     out = {}
     for role in ("target", "draft"):
         sess = getattr(engine, role)
         mine = sess.forward(np.asarray([ids], np.int64), sess.new_cache())[0]
-        ref = hf.logits(role, ids)
+        ref = np.array(hf.request({"mode": "logits", "role": role, "ids": ids})["logits"], np.float32)
         out[role] = float(np.abs(mine[:, :ref.shape[1]] - ref).max())
     return out
 
@@ -336,15 +291,17 @@ def main() -> None:
               "reference": ref_name, "checkpoints": str(args.checkpoints),
               "peer_threads": "--peer-threads" if args.peer_threads else "the faster of 1 and --threads at start-up"}
     cache = args.peer_cache or default_cache(args.checkpoints)
-    hf = None
     workers = {}
     try:
         if not args.skip_hf:
-            hf = HF(args.checkpoints, args.peer_threads or args.threads, fixed=bool(args.peer_threads))
+            hf = workers["hf"] = Worker("transformers", Path(sys.executable), "peer_hf_worker.py", args.checkpoints,
+                                        cache, args.peer_threads or args.threads,
+                                        ("--fixed-threads",) if args.peer_threads else ())
+            report["versions"]["transformers (worker)"] = hf.version
             report["weights_max_abs_logit_diff"] = {lb: weights_check(e, hf, ids_list[0]) for lb, e in engines.items()}
-            report["hf_torch_threads"] = hf.threads
-            systems["hf ar"] = lambda ids, ref: hf.generate(ids, n, None)
-            systems["hf assisted"] = lambda ids, ref: hf.generate(ids, n, gamma)
+            report["hf_torch_threads"] = hf.hello["threads"]
+            systems["hf ar"] = lambda ids, ref, w=hf: w.generate("ar", ids, n, gamma)
+            systems["hf assisted"] = lambda ids, ref, w=hf: w.generate("spec", ids, n, gamma)
         if not args.skip_ortgenai:
             w = workers["ortgenai"] = Worker("onnxruntime-genai", ensure_venv(args.ortgenai_venv),
                                              "peer_ortgenai_worker.py", args.checkpoints, cache, args.threads)
