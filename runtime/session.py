@@ -348,11 +348,13 @@ class ModelSession:
                 io.bind_cpu_input(tree.BIAS, bias)
         banned = self._head(entry, b, *top) if top is not None else ()
         t0 = time.perf_counter()
-        sess.run_with_iobinding(io)
+        try:
+            sess.run_with_iobinding(io)
+        finally:
+            for r, t in banned:  # back to nothing banned, even after a failed run: the bias is kept for the next
+                entry.ban[r, t] = 0
         self.time_s += time.perf_counter() - t0
         self.calls += 1
-        for r, t in banned:  # back to nothing banned
-            entry.ban[r, t] = 0
         if top is not None:
             self._top = (entry.top[0].tolist(), entry.top[1].tolist())
         logits = entry.logits if self._on_host else io.get_outputs()[0].numpy()
