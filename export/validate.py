@@ -133,9 +133,9 @@ def beam_feeds(batch: int, vocab: int | None, k: int = 1, bias: np.ndarray | Non
 def check_beam_head(path: Path, io: dict[str, Any], ids: np.ndarray, providers: list[str]) -> dict[str, Any]:
     """A draft's beam head against NumPy on the same call's logits, with two tokens of the first row banned (one its
     best): TopK(log_softmax(last logits + bias), k). Raises ExportError when they differ."""
-    sess, k = _session(path, providers), 4
-    ids = ids[:1, :12]
+    sess, ids = _session(path, providers), ids[:1, :12]
     probe = _call(sess, decoder_feeds(io, ids, None))[0][0, -1]
+    k = min(4, probe.size)
     bias = np.zeros((1, probe.size), np.float32)
     bias[0, [int(probe.argmax()), 0]] = -np.inf
     feeds = {**decoder_feeds(io, ids, None), **beam_feeds(1, probe.size, k, bias)}
