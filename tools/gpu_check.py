@@ -2,6 +2,7 @@
 an NVIDIA GPU and onnxruntime-gpu.
 
     python tools/gpu_check.py [--bundle B] [--providers cuda,tensorrt] [--prompts 8] [-n 64] [--out gpu.json]
+    python tools/gpu_check.py --providers cpu --prompts 2 -n 16 --repeats 10     # a dry run without a GPU
 
 GOAL: the built-in target's B1T1 call (one token after a past of 128) <= 1 ms on a data-center GPU (it was 6.1 ms
 on an H200 with the standard optimum graph: ~2000 launch-bound nodes; the fused graph has ~150). A float32 fused
@@ -33,12 +34,16 @@ def per_call(session, past: int, repeats: int) -> dict[str, float]:
               "B4T1": lambda c: session.forward([[7]] * 4, c)}
     if session.spec.tree_attention:
         shapes["tree5"] = lambda c: session.forward_tree([7] * 5, TREE, c)
+    if session.beam_head:  # a greedy MTAD draft step: two beams on the draft's beam graph
+        shapes["B2T1 beam"] = lambda c: session.forward_top([[7]] * 2, c, 2)
     out = {}
     for name, call in shapes.items():
         c = session.new_cache()
         session.forward(_context(past), c)
         if name == "B4T1":
             c.repeat(4)
+        elif name == "B2T1 beam":
+            c.repeat(2)
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -74,7 +79,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", help="default: the built-in bundle")
-    ap.add_argument("--providers", default="cuda,tensorrt")
+    ap.add_argument("--providers", default="cuda,tensorrt", help="cuda, tensorrt, and cpu for a dry run")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("-n", "--max-new-tokens", type=int, default=64)
     ap.add_argument("--past", type=int, default=128)
@@ -89,16 +94,19 @@ def main() -> None:
     print(json.dumps(report["environment"]))
     prompts = load_prompts(limit=args.prompts)
     cpu = Engine.from_bundle(args.bundle, provider="cpu", meter=None)
-    greedy = GenerationConfig(algo="ar", max_new_tokens=args.max_new_tokens, ignore_eos=True, seed=0)
+    # the exactness checks run without the n-gram ban, which AR and SpS apply and MCSD does not
+    exact = dict(max_new_tokens=args.max_new_tokens, ignore_eos=True, seed=0, no_repeat_ngram_size=0)
+    greedy = GenerationConfig(algo="ar", **exact)
     cpu_ar = [generate_ids(cpu.target, cpu.encode(p), greedy)[0] for p in prompts]
     for name in args.providers.split(","):
-        if {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}[name] not in \
-                ort.get_available_providers():
+        ep = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider", "cpu": "CPUExecutionProvider"}
+        if ep.get(name) not in ort.get_available_providers():
             print(f"{name}: not available in this onnxruntime, skipped")
             continue
         t0 = time.perf_counter()
-        try:
-            engine = Engine.from_bundle(args.bundle, provider=[name, "cpu"], meter="auto", fp16=True)
+        try:  # (cpu: a dry run of this script on a machine without a GPU)
+            engine = Engine.from_bundle(args.bundle, provider=[name] if name == "cpu" else [name, "cpu"],
+                                        meter="auto", fp16=name != "cpu")
         except Exception as e:
             report["providers"][name] = {"error": f"{type(e).__name__}: {e}"}
             print(f"{name}: {e}")
@@ -111,7 +119,7 @@ def main() -> None:
         ar = [generate_ids(engine.target, engine.encode(p), greedy)[0] for p in prompts]
         res["gpu_ar_equals_cpu_ar"] = sum(a == b for a, b in zip(ar, cpu_ar))
         for algo in ("sps", "mcsd"):
-            cfg = GenerationConfig(algo=algo, max_new_tokens=args.max_new_tokens, ignore_eos=True, seed=0)
+            cfg = GenerationConfig(algo=algo, **exact)
             same = [generate_ids(engine.target, engine.encode(p), cfg, draft=engine.draft,
                                  vocab_size=engine.bundle.vocab_size)[0] == a for p, a in zip(prompts, ar)]
             res[f"{algo}_equals_ar"] = f"{sum(same)}/{len(same)}"
