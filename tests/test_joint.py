@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mjsd.runtime.errors import ConfigError
-from mjsd.runtime.joint import (MAX_JOINT_SEQUENCES, accept_length, beam_sample_step, beam_sample_top,
+from mjsd.runtime.joint import (LOG_TOL, MAX_JOINT_SEQUENCES, accept_length, beam_sample_step, beam_sample_top,
                                 beam_search_step, best_joint, joint_prefixes, sample_distinct, token_logprobs,
                                 top_indices)
 
@@ -27,6 +27,25 @@ def test_accept_length_is_the_longest_passing_prefix():
     assert accept_length(logp, logq, 1e-30) == 4
     # a target zero (-inf) fails its prefix and every longer one, even against a -inf draft
     assert accept_length(np.array([-1.0, -np.inf, -1.0]), np.array([-1.0, -np.inf, -1.0]), 0.5) == 1
+
+
+def test_accept_length_equals_the_cumsum_definition():
+    """The Python running sums decide exactly as NumPy's float64 cumsums (float32 and float64 inputs, -inf, ties
+    at the threshold's tolerance)."""
+    rng = np.random.default_rng(0)
+    for case in range(3000):
+        n = int(rng.integers(1, 25))
+        logq = -rng.exponential(1.0, n)
+        logp = logq + rng.normal(0, 0.3 if case % 2 else 1e-3, n)
+        if case % 7 == 0:
+            logp[rng.integers(n)] = -np.inf
+        if case % 3 == 0:
+            logp, logq = logp.astype(np.float32), logq.astype(np.float32)
+        tau = float(rng.choice([0.05, 0.3, 0.5, 1.0]))
+        with np.errstate(invalid="ignore"):
+            margin = np.cumsum(logp, dtype=np.float64) - np.cumsum(logq, dtype=np.float64)
+            passing = np.flatnonzero(margin > np.log(tau) - LOG_TOL * np.arange(1, n + 1))
+        assert accept_length(logp, logq, tau) == (int(passing[-1]) + 1 if passing.size else 0)
 
 
 def test_equal_likelihoods_pass_at_tau_one_despite_float_noise():
