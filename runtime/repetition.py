@@ -63,6 +63,27 @@ class NGramIndex:
                 out.add(tail[end])
         return sorted(out)
 
+    def banned_prefixes(self, seq: Sequence[int], extra: Sequence[int]) -> list[list[int]]:
+        """[banned(seq, extra[:j]) for j in 0..len(extra)] in one pass: the rows a round's verification bans (each
+        position with the draft prefix before it). The n-grams ending inside extra are indexed as they come, instead
+        of rescanning every prefix (25 rows of a greedy MTAD round: ~130 us -> ~40)."""
+        n = self.n
+        extra = extra.tolist() if isinstance(extra, np.ndarray) else list(extra)
+        tail = list(seq[max(0, len(seq) - n + 1):]) + extra
+        start = len(tail) - len(extra)  # where extra begins in tail
+        inside: dict[tuple[int, ...], set[int]] = {}  # n-grams that end inside extra[:j]
+        rows = []
+        for j in range(len(extra) + 1):
+            end = start + j
+            key = tuple(tail[end - n + 1:end]) if end >= n - 1 else None
+            if len(seq) + j < n or key is None:
+                rows.append([])
+            else:
+                rows.append(sorted(self.next.get(key, set()) | inside.get(key, set())))
+            if j < len(extra) and key is not None:
+                inside.setdefault(key, set()).add(extra[j])
+        return rows
+
 
 def ban_tokens(logits: np.ndarray, banned_rows: Sequence[Sequence[int] | np.ndarray],
                in_place: bool = False) -> np.ndarray:

@@ -121,3 +121,16 @@ def test_bad_values_are_refused():
                 dict(draft_p_min=-0.1), dict(draft_p_min=float("nan")), dict(tune="yes")):
         with pytest.raises(ConfigError):
             GenerationConfig(**bad)
+
+
+def test_banned_prefixes_equal_banned_per_prefix():
+    """A verification's rows in one pass equal banned() of every draft prefix (random texts, drafts, n, vocabularies
+    small enough that n-grams repeat inside the draft too)."""
+    rng = np.random.default_rng(0)
+    for _ in range(4000):
+        n, vocab = int(rng.integers(2, 5)), int(rng.integers(2, 6))
+        seq = rng.integers(0, vocab, int(rng.integers(0, 30))).tolist()
+        extra = rng.integers(0, vocab, int(rng.integers(0, 12)))
+        index = NGramIndex(n)
+        index.extend(seq)
+        assert index.banned_prefixes(seq, extra) == [index.banned(seq, extra[:j]) for j in range(len(extra) + 1)]

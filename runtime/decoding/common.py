@@ -55,15 +55,27 @@ class DecodeContext:
             return None
         if n == 1:
             return [banned_tokens(self.ids + [int(t) for t in e], n) for e in extras]
+        return [self._ngrams().banned(self.ids, e) for e in extras]
+
+    def _ngrams(self) -> NGramIndex:
+        n = self.cfg.no_repeat_ngram_size
         if self.ngrams is None or self.ngrams.n != n:
             self.ngrams = NGramIndex(n)
         self.ngrams.extend(self.ids)  # ids only grow: this indexes the last round's tokens
-        return [self.ngrams.banned(self.ids, e) for e in extras]
+        return self.ngrams
 
     def no_repeat(self, logits: np.ndarray, extras) -> np.ndarray:
         """logits [R, V] (or [V]) with the banned tokens (banned) at -inf. The logits are a model call's fresh
         output, so the ban is written into them (a copy for n = 1)."""
-        rows = self.banned(extras)
+        return self._ban(logits, self.banned(extras))
+
+    def no_repeat_prefixes(self, logits: np.ndarray, draft) -> np.ndarray:
+        """no_repeat(logits, [draft[:j] for j in 0..len(draft)]): a round's verification rows, in one pass."""
+        if self.cfg.no_repeat_ngram_size < 2:
+            return self.no_repeat(logits, [draft[:j] for j in range(len(draft) + 1)])
+        return self._ban(logits, self._ngrams().banned_prefixes(self.ids, draft))
+
+    def _ban(self, logits: np.ndarray, rows: list | None) -> np.ndarray:
         if rows is None:
             return logits
         return ban_tokens(logits, rows, in_place=self.cfg.no_repeat_ngram_size > 1)

@@ -108,7 +108,7 @@ def joint_rounds(ctx: DecodeContext, sampling: bool) -> Iterator[list[int]]:
         fed = ctx.unfed(ctx.target_cache) + draft.tolist()
         # the session's own logits (copy=False): banned in place and read before the next target call
         logits = ctx.target.forward(fed, ctx.target_cache, copy=False)[0, -(gamma + 1):]
-        logits = ctx.no_repeat(logits, [draft[:j] for j in range(gamma + 1)])
+        logits = ctx.no_repeat_prefixes(logits, draft)
         n = accept_length(draft_logprobs(ctx, logits[:gamma], draft), logq, ctx.cfg.tau)
         token = ctx.pick(logits[n])
         ctx.target_cache.crop(base + n)

@@ -68,7 +68,7 @@ def sps(ctx: DecodeContext) -> Iterator[list[int]]:
                 feed = [sample(q[-1], ctx.rng)]
             drafts += feed
         logits = ctx.target.forward(ctx.unfed(ctx.target_cache) + drafts, ctx.target_cache)[0, -(gamma + 1):]
-        logits = ctx.no_repeat(logits, [drafts[:j] for j in range(gamma + 1)])
+        logits = ctx.no_repeat_prefixes(logits, drafts)
         if is_greedy:
             n, token = greedy_verify(greedy(shared_vocab(logits, ctx.vocab_size)), drafts)
         else:
