@@ -132,7 +132,7 @@ class ModelSession:
         self._tree_bindings = weakref.WeakKeyDictionary() if chain else self._bindings  # the tree session's
         # weak references to the last call's cache and its _Binding: the next call on it needs no dictionary lookup
         self._last = (lambda: None, lambda: None)
-        self._on_host = self.device is None or self.device[0] == "cpu"  # fused logits land in a kept host array
+        self._on_host = self.device is None or self.device[0] == "cpu"  # the KV buffers are host memory
         self._buffers: dict[str, np.ndarray] = {}  # _filled's
         self._spare: list[KVCache] = []  # released caches, reused by new_cache
         if self.fused:
@@ -325,11 +325,10 @@ class ModelSession:
             if self._keeps:  # 0 = every position
                 entry.keep = np.array([keep if keep < s else 0], np.int64)
                 io.bind_ortvalue_input("logits_to_keep", ort.OrtValue.ortvalue_from_numpy(entry.keep))
-            if self._on_host:  # ORT writes the logits into this array: get_outputs() would wrap all 2 x layers outputs
-                entry.logits = np.empty((b, keep, self.spec.vocab_size), np.float32)
-                io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(entry.logits))
-            else:
-                io.bind_output("logits", "cpu")
+            # ORT writes the logits into this host array, copying them from a GPU: get_outputs() would wrap every
+            # output, in binding order (the presents were bound first)
+            entry.logits = np.empty((b, keep, self.spec.vocab_size), np.float32)
+            io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(entry.logits))
         if b == s == 1:  # a scalar write: every NumPy call here runs on cold caches
             entry.ids[0, 0] = ids[0, 0]
         else:
@@ -357,10 +356,10 @@ class ModelSession:
         self.calls += 1
         if top is not None:
             self._top = (entry.top[0].tolist(), entry.top[1].tolist())
-        logits = entry.logits if self._on_host else io.get_outputs()[0].numpy()
+        logits = entry.logits
         if last and last < logits.shape[1]:  # a graph without logits_to_keep
             logits = logits[:, -last:]
-        return logits.copy() if copy and self._on_host else logits
+        return logits.copy() if copy else logits
 
     def _head(self, entry: _Binding, b: int, k: int, banned) -> list[tuple[int, int]]:
         """Bind the beam head's k, bias and outputs (once per k) and write the banned tokens' -inf into the bias;
