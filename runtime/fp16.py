@@ -18,6 +18,10 @@ import numpy as np
 from .bundle import ModelSpec, sha256_file
 
 
+# What stays float32: the logits, and a beam graph's head, which works on them (export/fused_graph.py)
+FLOAT32_IO = ("logits", "beam_bias", "beam_logprobs")
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("MJSD_CACHE_DIR") or Path.home() / ".cache" / "mjsd") / "fp16"
 
@@ -36,7 +40,7 @@ def convert(src: Path, dst: Path) -> None:
         if t.data_type == TensorProto.FLOAT:
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
     for v in [*model.graph.input, *model.graph.output]:
-        if v.name != "logits" and v.type.tensor_type.elem_type == TensorProto.FLOAT:
+        if v.name not in FLOAT32_IO and v.type.tensor_type.elem_type == TensorProto.FLOAT:
             v.type.tensor_type.elem_type = TensorProto.FLOAT16
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=dst.parent)
@@ -51,13 +55,14 @@ def convert(src: Path, dst: Path) -> None:
 
 
 def fp16_spec(spec: ModelSpec) -> ModelSpec:
-    """The spec of the cached fp16 copy of a fused fp32 graph, and of its chain graph if any (converted on first
-    use; each copy holds its own weights)."""
+    """The spec of the cached fp16 copy of a fused fp32 graph, and of its chain and beam graphs if any (converted on
+    first use; each copy holds its own weights)."""
     digest = next(d for rel, d in spec.entry["files"].items() if rel == spec.entry["path"]) or sha256_file(spec.path)
     entry = {**spec.entry, "path": "model.onnx", "dtype": "float16"}
-    if spec.chain_path is not None:
-        entry["chain_path"] = "chain.onnx"
-    for src, name in ((spec.path, "model.onnx"), (spec.chain_path, "chain.onnx")):
+    for key, name in (("chain_path", "chain.onnx"), ("beam_path", "beam.onnx")):
+        if key in entry:
+            entry[key] = name
+    for src, name in ((spec.path, "model.onnx"), (spec.chain_path, "chain.onnx"), (spec.beam_path, "beam.onnx")):
         dst = cache_dir() / digest / name
         if src is not None and not dst.is_file():
             convert(src, dst)

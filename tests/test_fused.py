@@ -169,6 +169,12 @@ def test_fp16_copy_for_cuda_matches_fp32(fused, tmp_path, monkeypatch):
     got, want = half.forward(IDS, a), full.forward(IDS, b)
     assert got.dtype == np.float32 and np.abs(got - want).max() < 2e-2 * max(1.0, np.abs(want).max())
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    # the draft's beam graph too: its head stays float32 on the fp16 copy's float32 logits
+    draft = fp16_spec(fused.draft)
+    assert draft.beam_path.is_file() and draft.beam_path.is_relative_to(tmp_path)
+    half, full = ModelSession(draft, threads=1), ModelSession(fused.draft, threads=1)
+    (v16, t16), (v32, t32) = (s.forward_top([IDS[:4]], s.new_cache(), 3, [[t]]) for s, t in ((half, 5), (full, 5)))
+    assert t16[0][0] == t32[0][0] and abs(v16[0][0] - v32[0][0]) < 5e-2 and 5 not in t16[0]
 
 
 def test_bindings_are_reused_and_released_with_their_cache(fused):
