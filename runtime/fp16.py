@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import ModelSpec, sha256_file
+from .bundle import BEAM_INPUTS, BEAM_OUTPUTS, ModelSpec, sha256_file
 
 
 # What stays float32: the logits, and a beam graph's head, which works on them (export/fused_graph.py)
-FLOAT32_IO = ("logits", "beam_bias", "beam_logprobs")
+FLOAT32_IO = ("logits", *BEAM_INPUTS, *BEAM_OUTPUTS)
 
 
 def cache_dir() -> Path:

@@ -31,10 +31,10 @@ def beam_step(ctx: DecodeContext, logits: np.ndarray, cum: list[float], greedy: 
     Runtime call (scoring.py); top-p without top-k needs whole rows, in NumPy. Returns lists (parents, tokens, new
     cum, the picked children's logQ) and the new greedy beam."""
     c, width, vocab = ctx.cfg, ctx.cfg.beam_width, ctx.vocab_size
-    if 0 < c.top_k < vocab:
-        values, tokens = scorer().top_k(logits, vocab, c.temperature or 1.0, c.top_k, c.top_p)
-    elif c.top_p >= 1.0 and not sampling:  # deterministic scoring is at temperature 1 (joint.scoring_logprobs)
+    if whole_vocab_search(ctx, sampling):  # deterministic scoring is at temperature 1 (joint.scoring_logprobs)
         values, tokens = scorer().beam(logits, vocab, width)
+    elif 0 < c.top_k < vocab:
+        values, tokens = scorer().top_k(logits, vocab, c.temperature or 1.0, c.top_k, c.top_p)
     else:
         logq = score(ctx, logits)
         if sampling:
@@ -86,11 +86,17 @@ def draft_beams(ctx: DecodeContext, sampling: bool) -> tuple[np.ndarray, np.ndar
     return np.array(beams[best], np.int64), np.array(logqs[best])
 
 
-def uses_beam_head(ctx: DecodeContext, sampling: bool) -> bool:
-    """Whether beam steps run on the draft graph's beam head (export/fused_graph.py): beam search scored over the
-    whole vocabulary (beam_step's beam-graph route), on a draft whose logits are exactly the shared vocabulary."""
+def whole_vocab_search(ctx: DecodeContext, sampling: bool) -> bool:
+    """Beam search over the log-softmax of the whole vocabulary (no top-k / top-p filter): what the scoring graph's
+    beam route and the draft's beam head compute."""
     c = ctx.cfg
-    return (ctx.draft.beam_head and not sampling and c.top_p >= 1.0 and not 0 < c.top_k < ctx.vocab_size
+    return not sampling and c.top_p >= 1.0 and not 0 < c.top_k < ctx.vocab_size
+
+
+def uses_beam_head(ctx: DecodeContext, sampling: bool) -> bool:
+    """Whether beam steps run on the draft graph's beam head (export/fused_graph.py): a whole-vocabulary beam search
+    on a draft whose logits are exactly the shared vocabulary."""
+    return (ctx.draft.beam_head and whole_vocab_search(ctx, sampling)
             and ctx.draft.spec.vocab_size == ctx.vocab_size)
 
 
