@@ -492,6 +492,8 @@ def format_stats(stats: dict) -> str:
 @click.option("--stop", multiple=True, callback=_stops,
               help="Stop after this string (repeatable); escapes like \\n are processed, as in llama.cpp.")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-text token.")
+@click.option("--stream-interval", type=click.IntRange(min=1), default=8, show_default=True,
+              help="AR: tokens decoded before they are streamed (1: each token; a round also ends after 10 ms).")
 @click.option("--provider", help="Execution provider preference, comma-separated: tensorrt,cuda,cpu "
               "(default: the profile's, else cpu).")
 @click.option("--threads", type=click.IntRange(min=1), help=THREADS_HELP)
@@ -506,8 +508,8 @@ def format_stats(stats: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, token ids, stats.")
 def generate_cmd(prompt, prompt_file, bundle, algo, max_new_tokens, temperature, top_k, top_p, seed, gamma,
                  beam_width, tau, draft_p_min, no_repeat_ngram_size, tune, k_config, mcsd_replacement, mcsd_strategy,
-                 stop, ignore_eos, provider, threads, fp16, profile, meter, power_budget, objective, show_stats,
-                 as_json):
+                 stop, ignore_eos, stream_interval, provider, threads, fp16, profile, meter, power_budget, objective,
+                 show_stats, as_json):
     """Complete PROMPT (an argument, --file, or stdin), streaming the text as it is produced."""
     from .engine import Engine
 
@@ -515,7 +517,8 @@ def generate_cmd(prompt, prompt_file, bundle, algo, max_new_tokens, temperature,
     params = dict(algo=algo, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                   seed=seed, gamma=gamma, beam_width=beam_width, tau=tau, draft_p_min=draft_p_min,
                   no_repeat_ngram_size=no_repeat_ngram_size, tune=tune,
-                  stop=stop, ignore_eos=ignore_eos, mcsd_replacement=mcsd_replacement, mcsd_strategy=mcsd_strategy)
+                  stop=stop, ignore_eos=ignore_eos, stream_interval=stream_interval, mcsd_replacement=mcsd_replacement,
+                  mcsd_strategy=mcsd_strategy)
     if k_config is not None:
         params["k_config"] = k_config
     _share_threads()

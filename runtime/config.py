@@ -52,6 +52,9 @@ class GenerationConfig:
     k_config: tuple[int, ...] = (2, 2, 1)  # MCSD children per depth
     stop: tuple[str, ...] = ()  # stop strings (need a tokenizer to decode)
     ignore_eos: bool = False  # keep generating past EOS (benchmarks, like llama.cpp --ignore-eos)
+    # ar: tokens decoded per round before they are streamed (SGLang's and vLLM's name); a round also ends after
+    # AR_ROUND_S, so a slow model still streams token by token. 1 = every token in a round of its own
+    stream_interval: int = 8
     mcsd_replacement: bool = False  # MCSD: sample children with (True) or without (False) replacement
     mcsd_strategy: str = "batch"  # MCSD verification: "batch" rows or one "tree" attention call
 
@@ -90,6 +93,8 @@ class GenerationConfig:
                self.k_config, "a non-empty sequence of integers >= 1, e.g. (2, 2, 1)")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "a list of non-empty strings")
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "true or false")
+        _check(_is_int(self.stream_interval) and self.stream_interval >= 1, "stream_interval", self.stream_interval,
+               "an integer >= 1 (1 = stream every token)")
         _check(self.tune is None or isinstance(self.tune, bool), "tune", self.tune, "true, false or None (auto)")
         _check(isinstance(self.mcsd_replacement, bool), "mcsd_replacement", self.mcsd_replacement, "true or false")
         _check(self.mcsd_strategy in MCSD_STRATEGIES, "mcsd_strategy", self.mcsd_strategy,

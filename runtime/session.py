@@ -192,6 +192,25 @@ class ModelSession:
         logits = self._run(ids, cache, tree.chain(ids.shape[1]) if self.spec.tree_attention else None)
         return logits[:, -last:] if last else logits
 
+    def step(self, token: int, cache: KVCache) -> np.ndarray:
+        """forward([token], cache, copy=False, last=1)[0, -1]: the logits [V] after one more token of a one-row
+        cache, valid until the next call on it. AR calls this per token: when the last call ran on the same cache
+        on the host with room left, it writes the token and one mask entry and runs, skipping forward's general
+        checks, whose cold Python (the call just flushed the CPU's caches) cost ~10 us a token here."""
+        entry = self._last[1]()
+        if (entry is not None and self._last[0]() is cache and entry.shape == (1, 1, 1) and not entry.positional
+                and entry.filled == cache.length < cache.capacity and entry.kv is cache.bound()):
+            entry.ids[0, 0] = token
+            entry.mask[0, entry.filled] = 1
+            entry.filled += 1
+            t0 = time.perf_counter()
+            self._sess.run_with_iobinding(entry.io)
+            self.time_s += time.perf_counter() - t0
+            self.calls += 1
+            cache.advance(1)
+            return entry.logits[0, 0]
+        return self.forward([token], cache, copy=False, last=1)[0, -1]
+
     def forward_top(self, tokens, cache: KVCache, k: int, banned=None) -> tuple[list[list[float]], list[list[int]]]:
         """forward(tokens, cache, last=1) on a fused draft's beam graph (`beam_head`): each row's k best next tokens
         under the log-softmax of its logits, with that row's `banned` tokens removed first (a row whose every token is
@@ -299,18 +318,20 @@ class ModelSession:
         else:
             sess, bindings = (self._tree(), self._tree_bindings) if on_tree else (self._sess, self._bindings)
         chain = not on_tree and top is None  # the chain graph's last binding is kept at hand
-        entry = None
+        # a binding per row count (a beam draft alternates between 1 and W rows) and for one token a row or more
+        # (decode steps vs prompt passes, verifications and a draft's catch-up): each keeps its arrays bound
+        key, entry = (b, s == 1), None
         if cache is not None:
             entry = self._last[1]() if chain and self._last[0]() is cache else None
-            if entry is None or entry.kv is not kv:
-                entry = bindings.setdefault(cache, {}).get(b)  # a beam draft alternates between 1 and W rows
+            if entry is None or entry.kv is not kv or entry.key != key:
+                entry = bindings.setdefault(cache, {}).get(key)
         if entry is None or entry.kv is not kv:
-            entry = _Binding(sess.io_binding(), kv, positional=on_tree or self._positional)
+            entry = _Binding(sess.io_binding(), kv, key, positional=on_tree or self._positional)
             for past_name, present_name, t in zip(self._past, self._present, kv):
                 entry.io.bind_ortvalue_input(past_name, t)
                 entry.io.bind_ortvalue_output(present_name, t)
             if cache is not None:
-                bindings[cache][b] = entry
+                bindings[cache][key] = entry
         if cache is not None and chain and self._last[1]() is not entry:
             self._last = (weakref.ref(cache), weakref.ref(entry))
         io = entry.io
@@ -429,11 +450,11 @@ def check_fused_support(spec, on_gpu: bool, version: str = ort.__version__) -> N
 
 class _Binding:
     """A fused session's IOBinding over one cache's KV OrtValues, with the kept arrays bound to its small inputs."""
-    __slots__ = ("io", "kv", "positional", "shape", "ids", "positions", "logits", "keep", "mask", "bias", "filled",
+    __slots__ = ("io", "kv", "key", "positional", "shape", "ids", "positions", "logits", "keep", "mask", "bias", "filled",
                  "beam_k", "ban", "top", "__weakref__")
 
-    def __init__(self, io, kv: list, positional: bool):
-        self.io, self.kv, self.positional, self.shape = io, kv, positional, None
+    def __init__(self, io, kv: list, key: tuple, positional: bool):
+        self.io, self.kv, self.key, self.positional, self.shape = io, kv, key, positional, None
         self.ids = self.positions = self.logits = self.keep = self.mask = self.bias = None
         self.beam_k = self.ban = self.top = None
         self.filled = 0

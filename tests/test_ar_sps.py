@@ -15,6 +15,7 @@ from mjsd.runtime.session import ModelSession
 from mjsd.runtime.stats import GenerationStats
 
 SPS_MODULE = importlib.import_module("mjsd.runtime.decoding.sps")  # the package attribute `sps` is the function
+AR_MODULE = importlib.import_module("mjsd.runtime.decoding.ar")
 PROMPTS = [[1, 17, 42, 99], [1], [5, 250, 3, 8, 60, 61, 62, 63, 64]]
 
 
@@ -232,6 +233,27 @@ def test_streaming_yields_rounds(llama):
     assert stats.ttft_s > 0 and stats.prefill_time_s > 0 and stats.wall_time_s >= stats.decode_time_s
 
 
+def test_ar_rounds_hold_stream_interval_tokens_and_end_at_eos(llama, monkeypatch):
+    _, target, _ = llama
+    ref, _ = run(target, PROMPTS[0], algo="ar", max_new_tokens=20, stream_interval=1)
+
+    def chunks(eos=None, **cfg):
+        stats = GenerationStats()
+        out = list(stream_ids(target, PROMPTS[0], GenerationConfig(algo="ar", **cfg), stats, eos_id=eos))
+        assert sum(out, []) == ref[: stats.generated_tokens] and stats.rounds == stats.generated_tokens
+        return [len(c) for c in out]
+
+    monkeypatch.setattr(AR_MODULE, "AR_ROUND_S", 60.0)  # only the token count ends a round
+    assert chunks(max_new_tokens=20) == [1, 8, 8, 3]  # the prompt pass's token alone: time to first token
+    assert chunks(max_new_tokens=20, stream_interval=1) == [1] * 20
+    k = next(i for i in range(1, 20) if ref.index(ref[i]) == i)  # EOS mid-round: the round and the generation end
+    calls = target.calls
+    assert sum(chunks(max_new_tokens=20, eos=ref[k]), 0) == k + 1
+    assert target.calls - calls == k + 1  # the prompt pass and k steps: nothing decoded past EOS
+    monkeypatch.setattr(AR_MODULE, "AR_ROUND_S", 0.0)  # a model slower than AR_ROUND_S a token streams every token
+    assert chunks(max_new_tokens=20) == [1] * 20
+
+
 def test_stopping_a_stream_early_still_finalises_stats(llama):
     _, target, _ = llama
     stats = GenerationStats()
@@ -279,6 +301,7 @@ def test_driver_refusals(llama, kwargs, match):
     ("beam_width", 0, ">= 1"), ("tau", 0.0, "in \\(0, 1\\]"), ("tau", 1.1, "in \\(0, 1\\]"),
     ("k_config", (), "non-empty"), ("k_config", (2, 0), "non-empty"), ("stop", ("",), "non-empty strings"),
     ("mcsd_strategy", "graph", "one of"), ("mcsd_replacement", "yes", "true or false"),
+    ("stream_interval", 0, ">= 1"), ("stream_interval", 2.0, ">= 1"),
 ])
 def test_config_refusals_name_parameter_value_and_range(field, value, valid):
     with pytest.raises(ConfigError, match=f"{field}={value!r}".replace("(", "\\(").replace(")", "\\)")

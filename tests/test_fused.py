@@ -88,6 +88,27 @@ def test_shared_buffer_rollback_reorder_keep_and_growth(fused):
     assert_same_kv(c, fresh(s, IDS[:8] + [40, 5, 7]))
 
 
+def test_step_equals_forward_across_buffer_growth_rollback_and_other_calls(fused):
+    """step (AR's per-token call) takes its short path only while the cache's binding and mask are as it left them:
+    its logits and KV equal forward's through buffer growth, a rollback and calls of other shapes on the cache."""
+    s = ModelSession(fused.target, threads=1)
+    c = KVCache.for_model(fused.target, shared=True)
+    c.capacity = 0  # start empty: the steps below cross the buffer's growth
+    c.keys = [k[:, :, :0] for k in c.keys]
+    c.values = [v[:, :, :0] for v in c.values]
+    s.forward(IDS[:2], c, last=1)
+    fed = IDS[:2]
+    for t in IDS[2:] + [3, 4]:
+        if len(fed) == 7:
+            s.forward([200, 201], c)  # a call of another shape, then a rollback: step must rebuild its state
+            c.crop(7)
+        got = s.step(t, c).copy()
+        fed = fed + [t]
+        np.testing.assert_allclose(got, s.forward(fed, s.new_cache())[0, -1], atol=1e-4)
+    assert c.capacity >= len(fed)
+    assert_same_kv(c, fresh(s, fed))
+
+
 def _rows(s, seqs):
     """A cache holding each sequence in its own row (as beams would)."""
     c = s.new_cache()
@@ -184,25 +205,28 @@ def test_bindings_are_reused_and_released_with_their_cache(fused):
     s = ModelSession(fused.target, threads=1)
     c = s.new_cache()
     s.forward(IDS[:4], c)
-    binding = s._bindings[c][1]
+    prompt = s._bindings[c][1, False]
     first = s.forward([5], c)
     kept = first.copy()
-    assert s._bindings[c][1] is binding  # same buffers: the binding is kept, only small inputs rebound
+    binding = s._bindings[c][1, True]  # one token a row: decode steps keep a binding of their own
     s.forward([9], c)  # same shape: ORT writes into the same bound logits array, which callers never see
     np.testing.assert_array_equal(first, kept)
+    s.forward([10, 11], c)
+    s.forward([12], c)
+    assert s._bindings[c] == {(1, False): prompt, (1, True): binding}  # same buffers: kept, only small inputs set
     c.repeat(2)
     s.forward([[6], [7]], c)
-    assert s._bindings[c][2] is not binding  # a new row count (here also new, bigger buffers): a new binding
+    assert s._bindings[c][2, True] is not binding  # a new row count (here also new, bigger buffers): a new binding
     c.gather([1])
     s.forward([8], c)
-    one, two = s._bindings[c][1], s._bindings[c][2]
+    one, two = s._bindings[c][1, True], s._bindings[c][2, True]
     c.gather([0, 0])
     s.forward([[6], [7]], c)
     c.gather([1])
     s.forward([8], c)
-    assert s._bindings[c] == {1: one, 2: two}  # a beam draft switches row counts every round: bound once each
+    assert {key: b for key, b in s._bindings[c].items() if key[1]} == {(1, True): one, (2, True): two}  # a beam draft switches row counts every round: bound once each
     buffer = weakref.ref(c.keys[0])
-    del c, binding, one, two
+    del c, binding, prompt, one, two
     gc.collect()
     assert len(s._bindings) == 0 and buffer() is None  # a finished generation's buffers are not kept alive
 

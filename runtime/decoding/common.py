@@ -38,6 +38,7 @@ class DecodeContext:
     ngrams: NGramIndex | None = field(default=None, repr=False)  # of ids, for no_repeat (built on first use)
     next_logits: np.ndarray | None = field(default=None, repr=False)  # the target's [V] logits after ids, if known
     remaining: int = 1 << 30  # tokens the generation may still emit (max_new_tokens - generated; set by the driver)
+    eos_id: int | None = None  # the token that ends the generation (None: none does; set by the driver)
 
     def unfed(self, cache: KVCache) -> list[int]:
         return self.ids[cache.length:]

@@ -73,6 +73,7 @@ def stream_ids(target: ModelSession, prompt_ids: Sequence[int], cfg: GenerationC
     mark = _mark(target, timed_draft)
     try:
         ctx = prefill(target, prompt, cfg, stats, draft=draft, vocab_size=vocab_size)
+        ctx.eos_id = None if cfg.ignore_eos else eos_id
     finally:
         _charge(stats, target, timed_draft, mark)
     stats.prefill_time_s = time.perf_counter() - t_start
