@@ -1,9 +1,9 @@
 """The fused graph builder: a Llama-family decoder as ONNX Runtime's fused ops, emitted directly from the weights.
 
 Per layer: SkipSimplifiedLayerNormalization (residual add + RMSNorm), one MatMul for the packed Q/K/V,
-GroupQueryAttention (rotary inside, from cos/sin caches), the output MatMul and the SiLU MLP with gate and up packed
-in one MatMul: ~12 nodes a layer instead of ~160 in optimum's graph. This is the graph onnxruntime-genai's model
-builder emits (which keeps gate and up apart), written here with
+GroupQueryAttention (rotary inside, from cos/sin caches), the output MatMul and the SiLU MLP (a draft's gate and up
+in one MatMul, a target's in two): ~12 nodes a layer instead of ~160 in optimum's graph. This is the graph
+onnxruntime-genai's model builder emits, written here with
 the `onnx` helper instead of reusing the builder, because the builder needs transformers 5 (optimum-onnx, our
 standard-graph exporter, caps transformers < 4.58) and its graph has neither `position_ids` nor a tree input.
 
@@ -108,8 +108,8 @@ def rotary_caches(model, max_context: int) -> tuple[np.ndarray, np.ndarray]:
     return _np(cos[0, :, :half]), _np(sin[0, :, :half])
 
 
-def emit(model, max_context: int, fp16: bool = False):
-    """The fused ONNX ModelProto of a loaded HF Llama-family model."""
+def emit(model, max_context: int, fp16: bool = False, packed_mlp: bool = True):
+    """The fused ONNX ModelProto of a loaded HF Llama-family model; packed_mlp: gate and up as one MatMul (drafts)."""
     from onnx import TensorProto, helper
 
     cfg = model.config
@@ -137,7 +137,10 @@ def emit(model, max_context: int, fp16: bool = False):
                      "layers.0/input_norm", axis=-1, epsilon=eps)[0]
     residual = hidden
     ffn = cfg.intermediate_size
-    mlp_split = g.init("mlp_split", np.array([ffn, ffn], np.int64), np.int64)
+    if packed_mlp:
+        mlp_split = g.init("mlp_split", np.array([ffn, ffn], np.int64), np.int64)
+    else:
+        zero, half_ffn, full_ffn = (g.init(f"mlp_at_{n}", np.array([n], np.int64), np.int64) for n in (0, ffn, 2 * ffn))
     for i, layer in enumerate(layers):
         a, p = layer.self_attn, f"layers.{i}"
         qkv_w = np.concatenate([_np(a.q_proj.weight), _np(a.k_proj.weight), _np(a.v_proj.weight)]).T
@@ -156,11 +159,18 @@ def emit(model, max_context: int, fp16: bool = False):
                                                                      _np(layer.post_attention_layernorm.weight))],
             f"{p}/post_norm", n_out=4, domain=MS, epsilon=eps)
         m = layer.mlp
-        # gate and up as one MatMul and a Split: one GEMM dispatch fewer per layer (decode is dispatch-bound here:
-        # 2.5% off a 1-token call of the built-in target)
+        # gate and up stored as one [H, 2I] tensor. A draft (one token a call) runs it as one MatMul and a Split:
+        # one GEMM dispatch fewer per layer, 1.1% off a 1-token call of the built-in target. A target (prompt passes,
+        # verification of many tokens) runs two MatMuls over Slices of it, which ONNX Runtime folds into two weights
+        # at load: no Split copying [S, 2I], 4-6% off its calls of 25 to 115 tokens (BENCHMARKS.md, "Seventh pass")
         gate_up_w = np.concatenate([_np(m.gate_proj.weight).T, _np(m.up_proj.weight).T], axis=1)
-        gate_up = g.node("MatMul", [norm_post, g.init(f"{p}.gate_up.weight", gate_up_w)], f"{p}/gate_up")[0]
-        gate, up = g.node("Split", [gate_up, mlp_split], f"{p}/mlp_split", n_out=2, axis=-1)
+        gate_up_name = g.init(f"{p}.gate_up.weight", gate_up_w)
+        if packed_mlp:
+            gate_up = g.node("MatMul", [norm_post, gate_up_name], f"{p}/gate_up")[0]
+            gate, up = g.node("Split", [gate_up, mlp_split], f"{p}/mlp_split", n_out=2, axis=-1)
+        else:
+            gate, up = (g.node("MatMul", [norm_post, g.node("Slice", [gate_up_name, lo, hi, i64], f"{p}/{half}_w")[0]],
+                               f"{p}/{half}")[0] for half, lo, hi in (("gate", zero, half_ffn), ("up", half_ffn, full_ffn)))
         act = g.node("Mul", [g.node("Mul", [gate, g.node("Sigmoid", [gate], f"{p}/sigmoid")[0]], f"{p}/silu")[0], up],
                      f"{p}/swiglu")[0]
         down = g.node("MatMul", [act, g.init(f"{p}.down.weight", _np(m.down_proj.weight).T)], f"{p}/down")[0]
@@ -204,10 +214,10 @@ def emit(model, max_context: int, fp16: bool = False):
                              ir_version=9, producer_name="mjsd.export.fused_graph")
 
 
-def build_fused_graph(src: Path, out_dir: Path, max_context: int, fp16: bool = False,
-                      beam_head: bool = False) -> Path:
+def build_fused_graph(src: Path, out_dir: Path, max_context: int, fp16: bool = False, beam_head: bool = False,
+                      packed_mlp: bool = True) -> Path:
     """Emit the fused graph of the checkpoint at `src` into `out_dir` (fp32 for CPU, fp16 for CUDA), its chain graph,
-    and with `beam_head` (drafts) the beam graph."""
+    and with `beam_head` (drafts) the beam graph. packed_mlp: gate and up as one MatMul (see emit)."""
     import onnx
     import torch
     from transformers import AutoModelForCausalLM
@@ -220,7 +230,7 @@ def build_fused_graph(src: Path, out_dir: Path, max_context: int, fp16: bool = F
     if why:
         raise ExportError(f"the fused graph kind does not support {why}; export with --graph-kind standard")
     path = out_dir / GRAPH
-    proto = emit(model, max_context, fp16)
+    proto = emit(model, max_context, fp16, packed_mlp)
     # weights in one external file, so that chain.onnx can name the same file (saving moves them out of `proto`)
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data")

@@ -236,7 +236,10 @@ def _export_model(ck: _Checkpoint, bundle: Path, quantization: str | None, fp16:
     steps.set_description_str(f"{r}: exporting the {kind} graph")
     work = Path(tempfile.mkdtemp(prefix=f"{r}-raw-", dir=bundle))
     if fused:  # emitted in its final precision: fp16 for CUDA (GroupQueryAttention has no fp32 CUDA kernel)
-        raw = fused_graph.build_fused_graph(ck.path, work, ck.max_context, fp16=fp16, beam_head=r == "draft")
+        # gate and up in one MatMul for a draft (one token a call) and for a graph to quantize (its quantizer wants
+        # every MatMul weight as an initializer); a target's two MatMuls over slices of them are faster on its calls
+        raw = fused_graph.build_fused_graph(ck.path, work, ck.max_context, fp16=fp16, beam_head=r == "draft",
+                                            packed_mlp=r == "draft" or quantization is not None)
     else:
         raw = (tree_graph.build_tree_graph if tree_attention else graph.build_decoder_graph)(ck.path, work)
     steps.update()
