@@ -284,7 +284,9 @@ class ModelSession:
             positions, bias = self._inputs(parents, past, s)
             logits = np.concatenate([self._bind_run(ids[r:r + 1], past, positions, bias, cache.bound(r), last=last)
                                      for r in range(b)])
-        elif parents is None and past and self._on_host:  # the kept full-width inputs
+        elif parents is None and self._on_host and (past or b == 1):
+            # the kept full-width inputs; a prompt pass too, whose wide mask sends GroupQueryAttention down its
+            # past-context path (the same logits to the bit; refused for several rows of several tokens)
             logits = self._bind_run(ids, past, None, None, cache.bound(), cache, copy, last=last, top=top)
         else:
             logits = self._bind_run(ids, past, *self._inputs(parents, past, s), cache.bound(), cache, copy,
@@ -335,21 +337,25 @@ class ModelSession:
         if cache is not None and chain and self._last[1]() is not entry:
             self._last = (weakref.ref(cache), weakref.ref(entry))
         io = entry.io
-        if entry.shape != (b, s, keep):
-            if entry.shape is None or entry.shape[:2] != (b, s):
-                entry.mask = None
+        if entry.shape != (b, s, keep):  # rebind only what the new shape changes (a prompt pass: the token ids)
+            old = entry.shape or (None, None, None)
+            if old[:2] != (b, s):
+                if old[0] != b or entry.positional:  # the mask's rows, or the bias's [S, width]
+                    entry.mask = None
                 entry.ids, entry.positions = np.empty((b, s), np.int64), np.empty((b, s), np.int64)
                 io.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(entry.ids))
                 if entry.positional:
                     io.bind_ortvalue_input("position_ids", ort.OrtValue.ortvalue_from_numpy(entry.positions))
             entry.shape = (b, s, keep)
-            if self._keeps:  # 0 = every position
-                entry.keep = np.array([keep if keep < s else 0], np.int64)
+            kept = keep if keep < s else 0  # logits_to_keep: 0 = every position
+            if self._keeps and (entry.keep is None or entry.keep[0] != kept):
+                entry.keep = np.array([kept], np.int64)
                 io.bind_ortvalue_input("logits_to_keep", ort.OrtValue.ortvalue_from_numpy(entry.keep))
-            # ORT writes the logits into this host array, copying them from a GPU: get_outputs() would wrap every
-            # output, in binding order (the presents were bound first)
-            entry.logits = np.empty((b, keep, self.spec.vocab_size), np.float32)
-            io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(entry.logits))
+            if old[0] != b or old[2] != keep:
+                # ORT writes the logits into this host array, copying them from a GPU: get_outputs() would wrap
+                # every output, in binding order (the presents were bound first)
+                entry.logits = np.empty((b, keep, self.spec.vocab_size), np.float32)
+                io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(entry.logits))
         if b == s == 1:  # a scalar write: every NumPy call here runs on cold caches
             entry.ids[0, 0] = ids[0, 0]
         else:
