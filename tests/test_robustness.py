@@ -506,8 +506,11 @@ def test_invalid_utf8_argv_and_ctrl_c_in_a_real_process(tiny_vocab_bundle):
     assert p.returncode == 1 and "not valid UTF-8" in line, line
     record("CLI (process): invalid UTF-8 argument", "exit 1, one line", line)
 
+    # SIGINT back to its default in the child: a test run started in the background by a non-interactive shell
+    # ignores it, and the child would inherit that (and rightly keep generating)
     p = subprocess.Popen([*exe, "generate", "def f(x):", "-n", "500", "--ignore-eos", "--algo", "ar", "--stats",
-                          "--meter", "estimate"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                          "--meter", "estimate"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert p.stdout.read(1)  # the built-in bundle is generating
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
