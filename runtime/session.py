@@ -198,8 +198,8 @@ class ModelSession:
         on the host with room left, it writes the token and one mask entry and runs, skipping forward's general
         checks, whose cold Python (the call just flushed the CPU's caches) cost ~10 us a token here."""
         entry = self._last[1]()
-        if (entry is not None and self._last[0]() is cache and entry.shape == (1, 1, 1) and not entry.positional
-                and entry.filled == cache.length < cache.capacity and entry.kv is cache.bound()):
+        if (entry is not None and self._on_host and self._last[0]() is cache and entry.shape == (1, 1, 1)
+                and not entry.positional and entry.filled == cache.length < cache.capacity and entry.kv is cache.bound()):
             entry.ids[0, 0] = token
             entry.mask[0, entry.filled] = 1
             entry.filled += 1
