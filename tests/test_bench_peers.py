@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
@@ -68,3 +69,15 @@ def test_decode_speed_where_the_prompt_pass_is_timed():
     systems = {"mjsd ar": {"decode_tokens_per_s": 80.0}, "ortgenai ar": {"decode_tokens_per_s": 100.0},
                "llamacpp ar": {"decode_tokens_per_s": None}}
     assert bench.ratios(systems, ["mjsd"], "decode_tokens_per_s") == {"mjsd ar / ortgenai ar": pytest.approx(0.8)}
+
+
+def test_ratio_intervals_resample_paired_generations():
+    bench = _load("bench_peers")
+    rng = np.random.default_rng(1)
+    a = list(1.0 + 0.05 * rng.standard_normal(48))  # seconds of 64 tokens, a ~2x as fast as b, with noise
+    b = list(2.0 * np.array(a) * (1 + 0.02 * rng.standard_normal(48)))
+    seconds, count = {"x": a, "y": b, "z": [1.0] * 48, "w": [2.0] * 48}, {k: [64] * 48 for k in "xyzw"}
+    ci = bench.ratio_intervals(seconds, count, ["x / y", "z / w"])
+    point = (64 * 48 / sum(a)) / (64 * 48 / sum(b))
+    assert ci["x / y"][0] < point < ci["x / y"][1] and ci["x / y"][1] - ci["x / y"][0] < 0.05
+    assert ci["z / w"] == pytest.approx([2.0, 2.0])  # no noise, no width

@@ -351,6 +351,7 @@ def main() -> None:
         report["graph_costs"] = {role: graph_costs(engines, prefix, role, cache, args.threads)
                                  for role in ("target", "draft")}
     report["ratios"] = ratios(report["systems"], list(prefix.values()))
+    report["ratios_ci95"] = ratio_intervals(seconds, count, report["ratios"])
     report["ratios_median"] = ratios(report["systems"], list(prefix.values()), "median_tokens_per_s")
     report["ratios_decode"] = ratios(report["systems"], list(prefix.values()), "decode_tokens_per_s")
     if not args.skip_claims:
@@ -445,6 +446,22 @@ def ratios(systems: dict, mjsd: list[str], key: str = "tokens_per_s") -> dict:
             for a, b in pairs if a in systems and b in systems and systems[a].get(key) and systems[b].get(key)}
 
 
+def ratio_intervals(seconds: dict, count: dict, keys, draws: int = 2000, seed: int = 0) -> dict:
+    """95% bootstrap intervals of the all-generations tokens/s ratios ("A / B" keys): the run's generations resampled
+    with replacement in pairs (both systems ran every prompt of every pass). They show how much of a ratio is this
+    run's noise; the drift of the machine between runs minutes apart can be wider (BENCHMARKS.md)."""
+    rng, out = np.random.default_rng(seed), {}
+    for key in keys:
+        a, b = key.split(" / ")
+        n = len(seconds[a])
+        if n != len(seconds[b]) or n < 2:
+            continue
+        idx = rng.integers(0, n, (draws, n))
+        rate = {x: np.asarray(count[x], float)[idx].sum(1) / np.asarray(seconds[x], float)[idx].sum(1) for x in (a, b)}
+        out[key] = np.percentile(rate[a] / rate[b], [2.5, 97.5]).tolist()
+    return out
+
+
 def claims(bundle: Path | None, args) -> dict:
     """MTAD vs SpS at T=0 and T=1 (top-k 10, top-p 0.9) with the CPU-time energy estimate."""
     prompts = load_prompts(args.prompts, args.claims_limit)
@@ -506,11 +523,11 @@ def markdown(r: dict) -> str:
                              f"{c['ms_per_call']:.3f} |")
     if "llamacpp spec" in r["systems"]:
         lines.append("(llamacpp spec runs as text in and out: its 'same tokens' is same text)")
-    lines += ["", "| ratio (tokens/s) | all generations | median generation | decode only (prompt pass excluded) |",
-              "|---|---|---|---|"]
-    decode = r.get("ratios_decode", {})
-    lines += [f"| {k} | {v:.2f}x | {r['ratios_median'][k]:.2f}x | {f(decode.get(k), '.2f')}{'x' if k in decode else ''} |"
-              for k, v in r["ratios"].items()]
+    lines += ["", "| ratio (tokens/s) | all generations | its 95% interval (resampled generations) | median generation "
+              "| decode only (prompt pass excluded) |", "|---|---|---|---|---|"]
+    decode, ci = r.get("ratios_decode", {}), r.get("ratios_ci95", {})
+    lines += [f"| {k} | {v:.2f}x | {'%.2f-%.2fx' % tuple(ci[k]) if k in ci else '-'} | {r['ratios_median'][k]:.2f}x | "
+              f"{f(decode.get(k), '.2f')}{'x' if k in decode else ''} |" for k, v in r["ratios"].items()]
     if "claims" in r:
         c = r["claims"]
         lines += ["", f"Claims (MTAD vs SpS, bundle {c['bundle']}; {c['prompts']} prompts, energy ESTIMATED from "
