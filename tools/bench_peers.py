@@ -34,6 +34,8 @@ tens of ms after its call returns (measured: mjsd AR 1.72 ms/call alone, 2.33 ri
 generation, 1.76 after a 50 ms pause), which would charge one system for the one before it.
 tokens/s is reported over all generations and as the median generation's: thread pools that busy-wait (OpenMP in
 llama.cpp and torch, ORT's spinning) stall for seconds when another process takes a core, which the median ignores.
+Each all-generations ratio comes with a 95% bootstrap interval (the run's generations resampled in pairs): the run's
+own noise, not the machine's drift between runs minutes apart, which on the project's VM can be wider.
 A weights check compares the mjsd target's logits with the HF checkpoint's, and greedy tokens across systems.
 
 Then the papers' claims (MTAD vs SpS): `mjsd bench`'s run_bench over ar/sps/mtad at T=0 and T=1 with the energy
