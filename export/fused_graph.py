@@ -169,8 +169,11 @@ def emit(model, max_context: int, fp16: bool = False, packed_mlp: bool = True):
             gate_up = g.node("MatMul", [norm_post, gate_up_name], f"{p}/gate_up")[0]
             gate, up = g.node("Split", [gate_up, mlp_split], f"{p}/mlp_split", n_out=2, axis=-1)
         else:
-            gate, up = (g.node("MatMul", [norm_post, g.node("Slice", [gate_up_name, lo, hi, i64], f"{p}/{half}_w")[0]],
-                               f"{p}/{half}")[0] for half, lo, hi in (("gate", zero, half_ffn), ("up", half_ffn, full_ffn)))
+            halves = []
+            for half, lo, hi in (("gate", zero, half_ffn), ("up", half_ffn, full_ffn)):
+                weight = g.node("Slice", [gate_up_name, lo, hi, i64], f"{p}/{half}_w")[0]  # columns lo:hi (axes [1])
+                halves.append(g.node("MatMul", [norm_post, weight], f"{p}/{half}")[0])
+            gate, up = halves
         act = g.node("Mul", [g.node("Mul", [gate, g.node("Sigmoid", [gate], f"{p}/sigmoid")[0]], f"{p}/silu")[0], up],
                      f"{p}/swiglu")[0]
         down = g.node("MatMul", [act, g.init(f"{p}.down.weight", _np(m.down_proj.weight).T)], f"{p}/down")[0]
